@@ -1,0 +1,97 @@
+"""The ``fuse-evo`` command: ``fuse-evo SUBCOMMAND [hydra overrides key=value ...]``.
+
+Each sub-command is a Hydra application with its own primary config under ``configs/``, so
+overrides, ``--cfg job``, ``--help`` and (later) ``-m`` multirun work as Hydra users expect.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from . import config as _config  # noqa: F401  (registers the structured configs)
+from .errors import FuseEvoError
+
+log = logging.getLogger("fuse_evo")
+
+
+def config_dir() -> Path:
+    """``$FUSE_EVO_CONFIG_DIR``, else the ``configs/`` folder of the checkout we run from."""
+    env = os.environ.get("FUSE_EVO_CONFIG_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+    if not path.is_dir():
+        raise FuseEvoError(
+            f"config directory {path} not found: install fuse_evo from its checkout "
+            "(pip install -e .) or set FUSE_EVO_CONFIG_DIR"
+        )
+    return path
+
+
+def _zoo(cfg: DictConfig) -> None:
+    from .zoo.build import build_zoo, score_table
+
+    command = OmegaConf.to_object(cfg)
+    manifest = build_zoo(command.zoo, progress=command.progress)
+    print(score_table(manifest))
+    print(f"\nzoo: {Path(manifest['task_dir']).parent / 'zoo.json'}")
+
+
+COMMANDS: dict[str, tuple[str, Callable[[DictConfig], None], str]] = {
+    "zoo": ("zoo", _zoo, "build (or reuse) the offline model zoo and print its score table"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: fuse-evo COMMAND [key=value ...]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "Each command takes Hydra overrides; `fuse-evo COMMAND --help` lists its config."]
+    return "\n".join(lines)
+
+
+def _guarded(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
+    """Turn a FuseEvoError into one line on stderr and exit status 2."""
+
+    def run(cfg: DictConfig) -> None:
+        try:
+            fn(cfg)
+        except FuseEvoError as e:
+            print(f"fuse-evo: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"fuse-evo: error: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    config_name, fn, _ = COMMANDS[command]
+    try:
+        path = config_dir()
+    except FuseEvoError as e:
+        print(f"fuse-evo: error: {e}", file=sys.stderr)
+        return 2
+    saved = sys.argv
+    sys.argv = [f"fuse-evo {command}", *rest]
+    try:
+        hydra.main(config_path=str(path), config_name=config_name, version_base="1.3")(
+            _guarded(fn)
+        )()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

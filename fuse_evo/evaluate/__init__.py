@@ -1,0 +1,1 @@
+"""Fitness: the one place lm-eval is imported (evaluator.py)."""

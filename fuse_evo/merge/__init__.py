@@ -1,0 +1,1 @@
+"""Recipe -> live weights: pure tensor operators (methods.py)."""

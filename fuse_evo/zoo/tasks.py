@@ -1,0 +1,97 @@
+"""lm-eval task files for the zoo's skills: JSONL data and task YAMLs with absolute data paths.
+
+lm-eval resolves a relative ``data_files`` path against the working directory, not the YAML
+file, so every path written here is absolute. Each skill gets a search split and a disjoint
+held-out split as loglikelihood (exact match) tasks; one skill is also written as a
+``generate_until`` task so generation is exercised.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .skills import Example
+
+
+def task_name(skill: str, split: str, generate: bool = False) -> str:
+    return f"zoo_{skill}{'_gen' if generate else ''}_{split}"
+
+
+def _write_jsonl(path: Path, examples: list[Example]) -> None:
+    with path.open("w") as f:
+        for i, ex in enumerate(examples):
+            f.write(json.dumps({"id": i, "prompt": ex.prompt, "answer": ex.answer}) + "\n")
+
+
+def _loglikelihood_yaml(name: str, data: Path) -> str:
+    # The target delimiter puts the space between "=" and the answer into the continuation,
+    # exactly as the models were trained (loss on " " + answer).
+    return f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {json.dumps(str(data))}
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: " "
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def _generate_yaml(name: str, data: Path, max_answer_chars: int) -> str:
+    # The prompt ends with the delimiter space, so the model generates the bare answer and
+    # stops at EOS (lm-eval adds the tokenizer's EOS to the stop sequences).
+    return f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {json.dumps(str(data))}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}} "
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: {max_answer_chars + 2}
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def write_tasks(
+    task_dir: Path,
+    splits: dict[str, dict[str, list[Example]]],
+    generation_skill: str | None,
+) -> dict[str, dict[str, str]]:
+    """Write data and YAMLs under ``task_dir``; return ``{skill: {"search": name, ...}}``."""
+    task_dir = task_dir.resolve()
+    data_dir = task_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    names: dict[str, dict[str, str]] = {}
+    for skill, by_split in splits.items():
+        names[skill] = {}
+        for split, examples in by_split.items():
+            data = data_dir / f"{skill}_{split}.jsonl"
+            _write_jsonl(data, examples)
+            name = task_name(skill, split)
+            (task_dir / f"{name}.yaml").write_text(_loglikelihood_yaml(name, data))
+            names[skill][split] = name
+            if skill == generation_skill:
+                gen = task_name(skill, split, generate=True)
+                longest = max(len(ex.answer) for ex in examples)
+                (task_dir / f"{gen}.yaml").write_text(_generate_yaml(gen, data, longest))
+                names[skill][f"generate_{split}"] = gen
+    return names
