@@ -144,7 +144,7 @@ def test_score_table_lists_models_merges_and_bars(micro_zoo):
         ("zoo.skills=[increment,sorting]", "zoo.skills: unknown skill"),
         ("zoo.generation_skill=shiftt", "zoo.generation_skill"),
         ("zoo.num_heads=3", "zoo.hidden_size (64) must be divisible by zoo.num_heads (3)"),
-        ("zoo.pretrain_mixture={generic:1.0,sorting:1.0}", "zoo.pretrain_mixture"),
+        ("+zoo.pretrain_mixture.sorting=1.0", "zoo.pretrain_mixture"),
     ],
 )
 def test_bad_config_is_named_before_any_work(tmp_path, override, message):

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from ..config import ZooConfig
 from ..errors import ConfigError, FuseEvoError
@@ -32,7 +33,7 @@ from .train import MixtureBatches, new_model, train
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER = ".fuse_evo_zoo"  # marks a directory this module owns and may rebuild
 BASE = "base"
 CHECKED_FILES = ("model.safetensors", "config.json", "tokenizer.json")
@@ -273,10 +274,12 @@ def build_zoo(cfg: ZooConfig, progress: bool = True) -> dict[str, Any]:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    hf_logging.disable_progress_bar()  # our own bars say what is happening
     try:
         return _build(cfg, out, key, progress)
     finally:
         torch.set_num_threads(threads)
+        hf_logging.enable_progress_bar()
 
 
 def _build(cfg: ZooConfig, out: Path, key: str, progress: bool) -> dict[str, Any]:

@@ -25,8 +25,10 @@ def _write_jsonl(path: Path, examples: list[Example]) -> None:
 
 
 def _loglikelihood_yaml(name: str, data: Path) -> str:
-    # The target delimiter puts the space between "=" and the answer into the continuation,
-    # exactly as the models were trained (loss on " " + answer).
+    # The prompt ends with the space before the answer and the delimiter is empty: lm-eval
+    # moves a context's trailing whitespace into the continuation, so it scores " " + answer,
+    # exactly what the models were trained on (lm-eval 0.4.10+ no longer adds
+    # target_delimiter to loglikelihood continuations).
     return f"""task: {name}
 dataset_path: json
 dataset_kwargs:
@@ -34,9 +36,9 @@ dataset_kwargs:
     test: {json.dumps(str(data))}
 test_split: test
 output_type: loglikelihood
-doc_to_text: "{{{{prompt}}}}"
+doc_to_text: "{{{{prompt}}}} "
 doc_to_target: "{{{{answer}}}}"
-target_delimiter: " "
+target_delimiter: ""
 metric_list:
   - metric: acc
     aggregation: mean
@@ -58,6 +60,7 @@ test_split: test
 output_type: generate_until
 doc_to_text: "{{{{prompt}}}} "
 doc_to_target: "{{{{answer}}}}"
+target_delimiter: ""
 generation_kwargs:
   until: ["\\n"]
   max_gen_toks: {max_answer_chars + 2}
