@@ -122,10 +122,9 @@ def load_cached(out: Path, key: str) -> tuple[dict[str, Any] | None, str | None]
             return None, f"{rel} is missing"
         if _sha256(path) != digest:
             return None, f"{rel} is corrupted (checksum mismatch)"
-    for names in manifest.get("tasks", {}).values():
-        for name in names.values():
-            if not (Path(manifest["task_dir"]) / f"{name}.yaml").exists():
-                return None, f"task file {name}.yaml is missing"
+    if Path(manifest.get("task_dir", "")) != (out / "tasks").resolve():
+        # task YAMLs hold absolute data paths (lm-eval needs them): a moved zoo is rebuilt
+        return None, f"it was built at {Path(manifest.get('task_dir', '')).parent} and moved"
     return manifest, None
 
 
@@ -145,9 +144,8 @@ def _mean(scores: dict[str, float]) -> float:
 
 
 class _Builder:
-    def __init__(self, cfg: ZooConfig, out: Path, progress: bool):
+    def __init__(self, cfg: ZooConfig, progress: bool):
         self.cfg = cfg
-        self.out = out
         self.progress = progress
         self.tok = build_tokenizer()
         self.splits: dict[str, dict[str, list[Example]]] = {}
@@ -174,7 +172,7 @@ class _Builder:
         batches = MixtureBatches(
             self.tok, dict(cfg.pretrain_mixture), cfg.batch_size, cfg.seed + 1, self.excluded, cfg.seed
         )
-        bar = self._bar("pretrain base", cfg.pretrain_max_steps)
+        bar = self._bar("pretrain base (until fair)", cfg.pretrain_max_steps)
 
         def fair_enough(step: int) -> bool:
             search = self.scores(model, "search")
@@ -193,7 +191,7 @@ class _Builder:
         batches = MixtureBatches(
             self.tok, {skill: 1.0}, cfg.batch_size, cfg.seed + 100 + index, self.excluded, cfg.seed
         )
-        bar = self._bar(f"fine-tune {skill}", cfg.finetune_max_steps)
+        bar = self._bar(f"fine-tune {skill} (until expert)", cfg.finetune_max_steps)
 
         def expert_enough(step: int) -> bool:
             acc = greedy_exact_match(model, self.tok, self.splits[skill]["search"])
@@ -267,9 +265,9 @@ def build_zoo(cfg: ZooConfig, progress: bool = True) -> dict[str, Any]:
         return manifest
     if why:
         log.warning("the zoo at %s cannot be reused: %s; rebuilding", out, why)
-    for stale in ("zoo.json", "models", "tasks"):
-        path = out / stale
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    (out / "zoo.json").unlink(missing_ok=True)
+    for stale in ("models", "tasks"):
+        shutil.rmtree(out / stale, ignore_errors=True)
     (out / MARKER).write_text(key)
 
     threads = torch.get_num_threads()
@@ -283,7 +281,7 @@ def build_zoo(cfg: ZooConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def _build(cfg: ZooConfig, out: Path, key: str, progress: bool) -> dict[str, Any]:
-    b = _Builder(cfg, out, progress)
+    b = _Builder(cfg, progress)
     task_dir = out / "tasks"
     tasks = write_tasks(task_dir, b.splits, cfg.generation_skill)
 
@@ -315,6 +313,9 @@ def _build(cfg: ZooConfig, out: Path, key: str, progress: bool) -> dict[str, Any
         }
         for f in CHECKED_FILES:
             checksums[f"models/{name}/{f}"] = _sha256(path / f)
+    for f in sorted(task_dir.rglob("*")):
+        if f.is_file():
+            checksums[str(f.relative_to(out))] = _sha256(f)
     manifest["uniform_merges"] = b.uniform_merges(
         base, [models[specialist_name(s)] for s in cfg.skills]
     )
