@@ -289,9 +289,11 @@ def _build(cfg: ZooConfig, out: Path, key: str, progress: bool) -> dict[str, Any
     log.info("base pretrained for %d steps", pretrain_steps)
     models: dict[str, LlamaForCausalLM] = {BASE: base}
     steps = {BASE: pretrain_steps}
+    skill_of: dict[str, str | None] = {BASE: None}
     for i, skill in enumerate(cfg.skills):
         name = specialist_name(skill)
         models[name], steps[name] = b.finetune(base, skill, i)
+        skill_of[name] = skill
         log.info("%s fine-tuned for %d steps", name, steps[name])
 
     manifest: dict[str, Any] = {
@@ -304,10 +306,9 @@ def _build(cfg: ZooConfig, out: Path, key: str, progress: bool) -> dict[str, Any
     for name, model in models.items():
         path = out / "models" / name
         _save(model, b.tok, path)
-        skill = None if name == BASE else name.removeprefix("ft_")
         manifest["models"][name] = {
             "path": str(path.resolve()),
-            "skill": skill,
+            "skill": skill_of[name],
             "scores": b.scores(model, "heldout"),
             "train_steps": steps[name],
         }
