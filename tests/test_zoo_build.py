@@ -120,7 +120,10 @@ def test_corrupted_cache_is_rebuilt_to_the_same_weights(micro_zoo, tmp_path, cap
     with caplog.at_level("WARNING"):
         rebuilt = build_zoo(cfg, progress=False)
     assert "corrupted" in caplog.text
-    assert rebuilt["checksums"] == manifest["checksums"]
+    def weights(m):  # task YAMLs hold this folder's absolute paths; the weights must not differ
+        return {k: v for k, v in m["checksums"].items() if k.startswith("models/")}
+
+    assert weights(rebuilt) == weights(manifest) and len(weights(manifest)) == 12
     assert rebuilt["models"]["ft_shift"]["scores"] == micro_zoo["models"]["ft_shift"]["scores"]
 
 
