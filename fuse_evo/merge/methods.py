@@ -1,13 +1,42 @@
 """Merge operators: pure functions on tensors, fp32 accumulation, output in the input dtype.
 
-mergekit's definitions are the reference semantics.
+Sparsifiers (``sparsify_*``) take one task vector and return it sparsified in fp32; merges take
+the base, the source tensors (or, with ``deltas_given``, their task vectors) and per-source
+weights/densities (a float for all, or one per source).
+
+mergekit's definitions (arcee-ai/mergekit 0.1.5 on PyPI: ``merge_methods/generalized_task_arithmetic.py``,
+``sparsify.py``, ``slerp.py``, ``model_stock.py``, ``linear.py``, ``registry.py`` for per-method
+defaults) are the reference semantics. Deliberate differences, each explained where it happens:
+
+* Everything is computed in fp32 (task vectors, masks, sums) and cast once at the end;
+  mergekit mostly works in the base dtype (bf16 task vectors, bf16 sums).
+* Randomness comes from an explicit ``seed`` (int or ``torch.Generator``), never the global RNG,
+  and a Bernoulli mask is ``uniform < p``, so for one seed a lower density keeps a subset of
+  what a higher density keeps (smooth search landscape).
+* Magnitude top-k is a threshold ``|delta| >= kth largest`` (entries tied with the k-th are all
+  kept; mergekit's argsort keeps an arbitrary k of them), so it can come from a precomputed
+  :class:`MagnitudeTable` in O(1) instead of a sort per call.
+* Bad inputs raise ``ValueError``; mergekit skips/crops mismatched tensors, asserts, or
+  silently divides by a replaced zero.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Callable, Optional, Sequence, Union
 
 import torch
+
+Floats = Union[float, Sequence[float]]
+Seed = Union[int, torch.Generator]
+Rescale = Union[bool, str, None]
+Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]  # (source index, fp32 delta) -> sparse delta
+
+_RESCALES = (None, False, True, "l1", "l2", "linf", "keep_prob")
+_NORM_EPS = 1e-7  # mergekit rescaled_masked_tensor: skip rescaling below this norm
+
+
+# ----------------------------------------------------------------------------- validation
 
 
 def _check(tensors: Sequence[torch.Tensor], weights: Sequence[float], what: str) -> None:
@@ -17,11 +46,238 @@ def _check(tensors: Sequence[torch.Tensor], weights: Sequence[float], what: str)
         raise ValueError(f"{what}: nothing to merge")
 
 
+def _check_shapes(ref: torch.Tensor, tensors: Sequence[torch.Tensor], what: str) -> None:
+    """mergekit skips (or crops embeddings of) mismatched models; we refuse, the caller decides."""
+    for i, t in enumerate(tensors):
+        if t.shape != ref.shape:
+            raise ValueError(f"{what}: tensor {i} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+
+
+def _per_source(value: Floats, n: int, name: str, what: str) -> list[float]:
+    """Broadcast a scalar per-source parameter, or check a sequence has one value per source."""
+    try:
+        values = [float(v) for v in value]
+    except TypeError:  # a scalar (float, int, 0-d tensor): same value for every source
+        return [float(value)] * n
+    if len(values) != n:
+        raise ValueError(f"{what}: {n} tensors but {len(values)} {name} values")
+    return values
+
+
+def _check_density(density: float, what: str) -> None:
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"{what}: density must be in (0, 1], got {density}")
+
+
+def _check_rescale(rescale: Rescale, what: str) -> None:
+    if rescale not in _RESCALES:
+        raise ValueError(f"{what}: rescale must be one of {_RESCALES}, got {rescale!r}")
+
+
+def _keep_count(density: float, numel: int) -> int:
+    """``max(1, int(density * numel))`` as mergekit 0.1.5's magnitude (older: assert k > 0):
+    tiny biases at low density keep their largest entry instead of vanishing or aborting."""
+    return max(1, int(density * numel))
+
+
+def _generator(seed: Seed, device: torch.device) -> torch.Generator:
+    """An int seed gives a fresh generator (same call -> same tensor); a Generator is consumed."""
+    if isinstance(seed, torch.Generator):
+        return seed
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+# ----------------------------------------------------------------------------- magnitude tables
+
+
+def task_vector(base: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """fp32 ``tensor - base``: the delta every task-arithmetic operator (and its table) uses."""
+    return tensor.float() - base.float()
+
+
+class MagnitudeTable:
+    """Descending-sorted |delta| of one task vector, built once, so each density's threshold is
+    an index lookup instead of a sort/kthvalue per merge call.
+
+    ``resolution=None`` keeps every value (exact, same memory as the delta in fp32);
+    ``resolution=R`` keeps R+1 evenly spaced ranks, and lookups use the nearest stored rank
+    (kept count off by at most numel/(2R)).
+    """
+
+    def __init__(self, delta: torch.Tensor, resolution: Optional[int] = None) -> None:
+        mags = delta.detach().float().abs().flatten()
+        self.numel = mags.numel()
+        if self.numel == 0:
+            raise ValueError("MagnitudeTable: empty tensor")
+        desc = torch.sort(mags, descending=True).values
+        if resolution is None or resolution + 1 >= self.numel:
+            self._values, self._scale = desc, None
+        else:
+            if resolution < 1:
+                raise ValueError(f"MagnitudeTable: resolution must be >= 1, got {resolution}")
+            grid = torch.linspace(0, self.numel - 1, resolution + 1, dtype=torch.float64, device=desc.device)
+            grid = grid.round().long()
+            self._values, self._scale = desc[grid], resolution / (self.numel - 1)
+
+    def at_rank(self, rank: int) -> torch.Tensor:
+        """|delta| of the entry at 0-based descending ``rank`` (0-d tensor, no device sync)."""
+        if self._scale is None:
+            return self._values[rank]
+        return self._values[round(rank * self._scale)]
+
+    def threshold(self, density: float) -> torch.Tensor:
+        """Smallest magnitude kept when keeping the top ``density`` fraction."""
+        _check_density(density, "MagnitudeTable.threshold")
+        return self.at_rank(_keep_count(density, self.numel) - 1)
+
+
+def magnitude_threshold(table: MagnitudeTable, density: float) -> torch.Tensor:
+    """Threshold for keeping the top ``density`` fraction of ``table``'s delta (a lookup)."""
+    return table.threshold(density)
+
+
+def _desc_value(mags: torch.Tensor, rank: int, table: Optional[MagnitudeTable]) -> torch.Tensor:
+    """Value at descending ``rank`` of |delta|: from the table, else one kthvalue."""
+    if table is not None:
+        return table.at_rank(rank)
+    return torch.kthvalue(mags.flatten(), mags.numel() - rank).values
+
+
+def _check_table(table: Optional[MagnitudeTable], delta: torch.Tensor, what: str) -> None:
+    if table is not None and table.numel != delta.numel():
+        raise ValueError(f"{what}: table built for {table.numel} entries, delta has {delta.numel()}")
+
+
+def row_rank_norm(delta: torch.Tensor) -> torch.Tensor:
+    """DELLA's per-row magnitude rank scaled to [0, 1] (0 = smallest); precompute once per delta.
+
+    Rows are along dim 1 as in mergekit (1-D tensors are one row). Ties are ranked by position
+    (stable sort; mergekit's argsort order is unspecified). A one-element row gets 0.5, i.e.
+    keep probability = density (mergekit divides 0 by 0 there).
+    """
+    x = delta.detach().float()
+    x = x.reshape(1, -1) if x.dim() < 2 else x
+    m = x.shape[1]
+    ranks = torch.argsort(torch.argsort(x.abs(), dim=1, stable=True), dim=1).float()
+    norm = ranks / (m - 1) if m > 1 else torch.full_like(ranks, 0.5)
+    return norm.reshape(delta.shape)
+
+
+# ----------------------------------------------------------------------------- sparsifiers
+
+
+def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: Rescale, keep_prob) -> torch.Tensor:
+    """mergekit's rescaled_masked_tensor (True = l1), plus ``keep_prob``: divide by P(keep)."""
+    masked = delta * mask
+    if rescale in (None, False):
+        return masked
+    if rescale == "keep_prob":  # DARE/DELLA papers' unbiased 1/p rescale
+        return masked / keep_prob
+    if rescale in (True, "l1"):
+        before, after = delta.abs().sum(), masked.abs().sum()
+    elif rescale == "l2":
+        before, after = delta.norm(), masked.norm()
+    else:
+        before, after = delta.abs().max(), masked.abs().max()
+    tiny = (before < _NORM_EPS) | (after < _NORM_EPS)
+    return masked * torch.where(tiny, torch.ones_like(before), before / after)
+
+
+def sparsify_magnitude(
+    delta: torch.Tensor, density: float, rescale: Rescale = None, table: Optional[MagnitudeTable] = None
+) -> torch.Tensor:
+    """Keep the top ``density`` fraction by |delta| (TIES trim); ``table`` skips the selection."""
+    _check_density(density, "sparsify_magnitude")
+    _check_rescale(rescale, "sparsify_magnitude")
+    _check_table(table, delta, "sparsify_magnitude")
+    delta = delta.float()
+    if density >= 1:
+        return delta
+    mags = delta.abs()
+    thr = _desc_value(mags, _keep_count(density, delta.numel()) - 1, table)
+    return _rescaled(delta, mags >= thr, rescale, density)
+
+
+def sparsify_outliers(
+    delta: torch.Tensor,
+    density: float,
+    gamma: float = 0.01,
+    rescale: Rescale = None,
+    table: Optional[MagnitudeTable] = None,
+) -> torch.Tensor:
+    """Model Breadcrumbs: drop the largest ``gamma`` fraction, then the smallest, keeping ``density``.
+
+    Keeps descending ranks [n_top, n_top + k) with k = int(density*n), n_top = int(gamma*n)
+    (cut to n - k when too large), as mergekit 0.1.5 (whose git HEAD before it sliced
+    ``[n_bot:-n_top]``, keeping *nothing* when int(gamma*n) == 0). Differences: k is at least 1
+    (mergekit keeps nothing when int(density*n) == 0), and entries tied in magnitude with a kept
+    boundary rank are kept.
+    """
+    _check_density(density, "sparsify_outliers")
+    _check_rescale(rescale, "sparsify_outliers")
+    _check_table(table, delta, "sparsify_outliers")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"sparsify_outliers: gamma must be in [0, 1], got {gamma}")
+    delta = delta.float()
+    if density >= 1:
+        return delta
+    n, mags = delta.numel(), delta.abs()
+    k = _keep_count(density, n)
+    n_top = min(int(gamma * n), n - k)
+    low = _desc_value(mags, n_top + k - 1, table)
+    high = _desc_value(mags, n_top, table)
+    return _rescaled(delta, (mags >= low) & (mags <= high), rescale, density)
+
+
+def sparsify_random(delta: torch.Tensor, density: float, seed: Seed = 0, rescale: Rescale = None) -> torch.Tensor:
+    """DARE: keep each entry with probability ``density`` (mergekit ``bernoulli``), seeded."""
+    _check_density(density, "sparsify_random")
+    _check_rescale(rescale, "sparsify_random")
+    delta = delta.float()
+    if density >= 1:
+        return delta
+    u = torch.rand(delta.shape, generator=_generator(seed, delta.device), device=delta.device)
+    return _rescaled(delta, u < density, rescale, density)
+
+
+def sparsify_della(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float = 0.15,
+    seed: Seed = 0,
+    rescale: Rescale = None,
+    rank_norm: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """DELLA MagPrune: keep probability rises linearly with per-row magnitude rank, from
+    density - epsilon (smallest) to density + epsilon (largest); ``rank_norm`` from
+    :func:`row_rank_norm` skips the per-call sort."""
+    _check_density(density, "sparsify_della")
+    _check_rescale(rescale, "sparsify_della")
+    delta = delta.float()
+    if density >= 1:
+        return delta
+    if epsilon < 0 or density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(
+            f"sparsify_della: need epsilon >= 0 and density +/- epsilon in (0, 1), got {density} +/- {epsilon}"
+        )
+    if rank_norm is None:
+        rank_norm = row_rank_norm(delta)
+    elif rank_norm.shape != delta.shape:
+        raise ValueError(f"sparsify_della: rank_norm shape {tuple(rank_norm.shape)} != {tuple(delta.shape)}")
+    probs = (density - epsilon) + rank_norm.float() * (2 * epsilon)
+    u = torch.rand(delta.shape, generator=_generator(seed, delta.device), device=delta.device)
+    return _rescaled(delta, u < probs, rescale, probs)
+
+
+# ----------------------------------------------------------------------------- combiners
+
+
 def linear(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True
 ) -> torch.Tensor:
     """Weighted average of whole weights (mergekit ``linear``; ``normalize`` divides by sum w)."""
     _check(tensors, weights, "linear")
+    _check_shapes(tensors[0], tensors, "linear")
     acc = torch.zeros_like(tensors[0], dtype=torch.float32)
     for t, w in zip(tensors, weights):
         acc.add_(t.float(), alpha=float(w))
@@ -33,22 +289,345 @@ def linear(
     return acc.to(tensors[0].dtype)
 
 
+def linear_deltas(
+    base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True
+) -> torch.Tensor:
+    """``linear`` of the weights base + delta_i, from resident task vectors (base dtype out)."""
+    _check(deltas, weights, "linear_deltas")
+    _check_shapes(base, deltas, "linear_deltas")
+    total = float(sum(weights))
+    if normalize and total == 0:
+        raise ValueError("linear_deltas: weights sum to zero, cannot normalize")
+    acc = torch.zeros_like(base, dtype=torch.float32)
+    for d, w in zip(deltas, weights):
+        acc.add_(d.float(), alpha=float(w))
+    if normalize:
+        return (base.float() + acc / total).to(base.dtype)
+    return (total * base.float() + acc).to(base.dtype)  # sum w (base + d) = (sum w) base + sum w d
+
+
+def _gta(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    sparsify: Optional[Sparsifier],
+    consensus: Optional[str],
+    normalize: bool,
+    lambda_: float,
+    what: str,
+    deltas_given: bool = False,
+) -> torch.Tensor:
+    """mergekit's GTATask: sparsify each delta, weight it, optional sign election, (disjoint) mean.
+
+    Differences: fp32 throughout (mergekit: base dtype; its int8_mask option only changes the
+    mask's dtype, so it has no equivalent here), and without consensus a zero weight sum with
+    ``normalize`` raises (mergekit silently divides by 1 when |sum w| < 1e-8).
+    ``deltas_given``: ``tensors`` already are task vectors (e.g. resident, from task_vector).
+    """
+    _check(tensors, weights, what)
+    _check_shapes(base, tensors, what)
+    if consensus not in (None, "sum", "count"):
+        raise ValueError(f"{what}: consensus must be 'sum', 'count' or None, got {consensus!r}")
+    base32 = base.float()
+    deltas = [t.float() if deltas_given else t.float() - base32 for t in tensors]
+    if sparsify:
+        deltas = [sparsify(i, d) for i, d in enumerate(deltas)]
+    if consensus is None:
+        mixed = torch.zeros_like(base32)
+        for d, w in zip(deltas, weights):
+            mixed.add_(d, alpha=float(w))
+        if normalize:
+            total = float(sum(weights))
+            if total == 0:
+                raise ValueError(f"{what}: weights sum to zero, cannot normalize")
+            mixed.div_(total)
+    else:
+        stacked = torch.stack([d * float(w) for d, w in zip(deltas, weights)])
+        signs = stacked.sign()
+        elect = stacked.sum(0) if consensus == "sum" else signs.sum(0)
+        mask = signs == torch.where(elect >= 0, 1.0, -1.0)  # zeros never vote for a sign
+        mixed = (stacked * mask).sum(0)
+        if normalize:
+            w = torch.tensor([float(x) for x in weights], device=base32.device).view(-1, *[1] * base.dim())
+            divisor = (w * mask).sum(0)
+            mixed = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return (base32 + lambda_ * mixed).to(base.dtype)
+
+
 def task_arithmetic(
     base: torch.Tensor,
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float],
     normalize: bool = False,
     lambda_: float = 1.0,
+    *,
+    deltas_given: bool = False,
 ) -> torch.Tensor:
     """base + lambda * sum_i w_i (t_i - base) (mergekit ``task_arithmetic``)."""
-    _check(tensors, weights, "task_arithmetic")
-    base32 = base.float()
-    delta = torch.zeros_like(base32)
-    for t, w in zip(tensors, weights):
-        delta.add_(t.float() - base32, alpha=float(w))
-    if normalize:
-        total = float(sum(weights))
-        if total == 0:
-            raise ValueError("task_arithmetic: weights sum to zero, cannot normalize")
-        delta.div_(total)
-    return (base32 + lambda_ * delta).to(base.dtype)
+    return _gta(base, tensors, weights, None, None, normalize, lambda_, "task_arithmetic", deltas_given)
+
+
+def _tables(tables, n: int, what: str) -> list:
+    """Per-source precomputed structures (MagnitudeTable or rank_norm), None = compute."""
+    tables = [None] * n if tables is None else list(tables)
+    if len(tables) != n:
+        raise ValueError(f"{what}: {n} tensors but {len(tables)} precomputed tables")
+    return tables
+
+
+def _densities(densities: Floats, n: int, what: str) -> list[float]:
+    dens = _per_source(densities, n, "density", what)
+    for d in dens:
+        _check_density(d, what)
+    return dens
+
+
+def _magnitude_sparsifier(n: int, densities, gamma, rescale, tables, what: str) -> Sparsifier:
+    """TIES trim (gamma None) or breadcrumbs, per source, with optional precomputed tables."""
+    dens, tabs = _densities(densities, n, what), _tables(tables, n, what)
+    _check_rescale(rescale, what)
+    if gamma is None:
+        return lambda i, d: sparsify_magnitude(d, dens[i], rescale, tabs[i])
+    gam = _per_source(gamma, n, "gamma", what)
+    return lambda i, d: sparsify_outliers(d, dens[i], gam[i], rescale, tabs[i])
+
+
+def _random_sparsifier(n: int, densities, epsilon, seed, device, rescale, rank_norms, what: str) -> Sparsifier:
+    """DARE (epsilon None) or DELLA, per source; one generator, sources drawn in order."""
+    dens = _densities(densities, n, what)
+    _check_rescale(rescale, what)
+    gen = _generator(seed, device)
+    if epsilon is None:
+        return lambda i, d: sparsify_random(d, dens[i], gen, rescale)
+    eps, ranks = _per_source(epsilon, n, "epsilon", what), _tables(rank_norms, n, what)
+    return lambda i, d: sparsify_della(d, dens[i], eps[i], gen, rescale, ranks[i])
+
+
+def ties(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    normalize: bool = True,
+    rescale: Rescale = False,
+    lambda_: float = 1.0,
+    consensus: str = "sum",
+    tables: Optional[Sequence[Optional[MagnitudeTable]]] = None,
+    deltas_given: bool = False,
+) -> torch.Tensor:
+    """TIES: magnitude trim, sign election (sum of weighted deltas, ties -> +), disjoint mean."""
+    n = len(tensors)
+    w = _per_source(weights, n, "weight", "ties")
+    sp = _magnitude_sparsifier(n, densities, None, rescale, tables, "ties")
+    return _gta(base, tensors, w, sp, consensus, normalize, lambda_, "ties", deltas_given)
+
+
+def breadcrumbs(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Floats,
+    densities: Floats = 1.0,
+    gamma: Floats = 0.01,
+    *,
+    normalize: bool = False,
+    rescale: Rescale = False,
+    lambda_: float = 1.0,
+    tables: Optional[Sequence[Optional[MagnitudeTable]]] = None,
+    deltas_given: bool = False,
+) -> torch.Tensor:
+    """Model Breadcrumbs: drop top-gamma outliers and small entries, then task arithmetic."""
+    n = len(tensors)
+    w = _per_source(weights, n, "weight", "breadcrumbs")
+    sp = _magnitude_sparsifier(n, densities, gamma, rescale, tables, "breadcrumbs")
+    return _gta(base, tensors, w, sp, None, normalize, lambda_, "breadcrumbs", deltas_given)
+
+
+def breadcrumbs_ties(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Floats,
+    densities: Floats = 1.0,
+    gamma: Floats = 0.01,
+    *,
+    normalize: bool = False,
+    rescale: Rescale = False,
+    lambda_: float = 1.0,
+    consensus: str = "sum",
+    tables: Optional[Sequence[Optional[MagnitudeTable]]] = None,
+    deltas_given: bool = False,
+) -> torch.Tensor:
+    """Breadcrumbs sparsification with TIES sign election."""
+    n, what = len(tensors), "breadcrumbs_ties"
+    w = _per_source(weights, n, "weight", what)
+    sp = _magnitude_sparsifier(n, densities, gamma, rescale, tables, what)
+    return _gta(base, tensors, w, sp, consensus, normalize, lambda_, what, deltas_given)
+
+
+def dare_ties(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    seed: Seed = 0,
+    normalize: bool = False,
+    rescale: Rescale = True,
+    lambda_: float = 1.0,
+    consensus: str = "sum",
+    deltas_given: bool = False,
+) -> torch.Tensor:
+    """DARE random drop + rescale, then TIES sign election (mergekit defaults: no normalize, l1 rescale)."""
+    n = len(tensors)
+    w = _per_source(weights, n, "weight", "dare_ties")
+    sp = _random_sparsifier(n, densities, None, seed, base.device, rescale, None, "dare_ties")
+    return _gta(base, tensors, w, sp, consensus, normalize, lambda_, "dare_ties", deltas_given)
+
+
+def dare_linear(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    seed: Seed = 0,
+    normalize: bool = False,
+    rescale: Rescale = True,
+    lambda_: float = 1.0,
+    deltas_given: bool = False,
+) -> torch.Tensor:
+    """DARE random drop + rescale, then plain task arithmetic."""
+    n = len(tensors)
+    w = _per_source(weights, n, "weight", "dare_linear")
+    sp = _random_sparsifier(n, densities, None, seed, base.device, rescale, None, "dare_linear")
+    return _gta(base, tensors, w, sp, None, normalize, lambda_, "dare_linear", deltas_given)
+
+
+def della(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Floats,
+    densities: Floats = 1.0,
+    epsilon: Floats = 0.15,
+    *,
+    seed: Seed = 0,
+    normalize: bool = True,
+    rescale: Rescale = True,
+    lambda_: float = 1.0,
+    consensus: str = "sum",
+    rank_norms: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    deltas_given: bool = False,
+) -> torch.Tensor:
+    """DELLA: magnitude-rank-weighted random drop + rescale, sign election, disjoint mean."""
+    n = len(tensors)
+    w = _per_source(weights, n, "weight", "della")
+    sp = _random_sparsifier(n, densities, epsilon, seed, base.device, rescale, rank_norms, "della")
+    return _gta(base, tensors, w, sp, consensus, normalize, lambda_, "della", deltas_given)
+
+
+def della_linear(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Floats,
+    densities: Floats = 1.0,
+    epsilon: Floats = 0.15,
+    *,
+    seed: Seed = 0,
+    normalize: bool = False,
+    rescale: Rescale = True,
+    lambda_: float = 1.0,
+    rank_norms: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    deltas_given: bool = False,
+) -> torch.Tensor:
+    """DELLA sparsification, then plain task arithmetic."""
+    n, what = len(tensors), "della_linear"
+    w = _per_source(weights, n, "weight", what)
+    sp = _random_sparsifier(n, densities, epsilon, seed, base.device, rescale, rank_norms, what)
+    return _gta(base, tensors, w, sp, None, normalize, lambda_, what, deltas_given)
+
+
+# ----------------------------------------------------------------------------- geometric
+
+
+def slerp(
+    tensors: Sequence[torch.Tensor], t: float, *, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> torch.Tensor:
+    """Spherical interpolation from tensors[0] (t=0, mergekit's base) to tensors[1] (t=1).
+
+    As mergekit: the angle comes from the whole flattened tensors (normalized only if
+    norm > eps); |cos| > dot_threshold falls back to lerp; the sin weights are applied to the
+    *unnormalized* tensors. Angle math here is in float64 on the fp32 dot (mergekit: fp32);
+    mergekit passes a lone tensor through, we require exactly two.
+    """
+    if len(tensors) != 2:
+        raise ValueError(f"slerp: needs exactly 2 tensors, got {len(tensors)}")
+    _check_shapes(tensors[0], tensors, "slerp")
+    v0, v1 = tensors[0].float(), tensors[1].float()
+    n0, n1 = v0.norm(), v1.norm()
+    u0 = v0 / n0 if n0 > eps else v0
+    u1 = v1 / n1 if n1 > eps else v1
+    dot = min(1.0, max(-1.0, float((u0 * u1).sum())))
+    if abs(dot) > dot_threshold:
+        out = (1 - t) * v0 + t * v1
+    else:
+        theta = math.acos(dot)
+        s0 = math.sin((1 - t) * theta) / math.sin(theta)
+        s1 = math.sin(t * theta) / math.sin(theta)
+        out = s0 * v0 + s1 * v1
+    return out.to(tensors[0].dtype)
+
+
+def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_wise: bool = False) -> torch.Tensor:
+    """Model Stock: pull the fine-tune average toward base by t = N cos / (1 + (N-1) cos).
+
+    cos is the mean pairwise cosine of the offsets (w_i - base) over all pairs (mergekit's choice
+    for N > 2), per whole tensor or per last-dim row with ``filter_wise``; pair norms are clamped
+    at 1e-6 and cos to [-1, 1]; where 1 + (N-1) cos is within 1e-6 of 0, t = 0 (keep base), as
+    mergekit 0.1.5 (older mergekit divided by ~0). Computed in fp32 (mergekit: input dtype).
+    """
+    if len(tensors) < 2:
+        raise ValueError(f"model_stock: needs at least 2 fine-tuned tensors besides base, got {len(tensors)}")
+    _check_shapes(base, tensors, "model_stock")
+    w0 = base.float()
+    ws = [t.float() for t in tensors]
+    if filter_wise:
+        view = (lambda x: x.unsqueeze(0)) if w0.dim() <= 1 else (lambda x: x)
+    else:
+        view = lambda x: x.reshape(-1)  # noqa: E731
+    offsets = [view(w) - view(w0) for w in ws]
+    norms = [o.norm(dim=-1) for o in offsets]
+    cos = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            dot = (offsets[i] * offsets[j]).sum(dim=-1)
+            cos.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
+    c = torch.stack(cos).mean(0).unsqueeze(-1)
+    n = len(ws)
+    denom = 1 + (n - 1) * c
+    singular = denom.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(c), n * c / torch.where(singular, torch.ones_like(denom), denom))
+    avg = torch.stack([view(w) for w in ws]).mean(0)
+    return (t * avg + (1 - t) * view(w0)).reshape(base.shape).to(base.dtype)
+
+
+__all__ = [
+    "MagnitudeTable",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "dare_linear",
+    "dare_ties",
+    "della",
+    "della_linear",
+    "linear",
+    "linear_deltas",
+    "magnitude_threshold",
+    "model_stock",
+    "row_rank_norm",
+    "slerp",
+    "sparsify_della",
+    "sparsify_magnitude",
+    "sparsify_outliers",
+    "sparsify_random",
+    "task_arithmetic",
+    "task_vector",
+]

@@ -1,0 +1,197 @@
+"""MergeEngine: task vectors computed once and kept resident; a recipe written into a live model.
+
+A search materializes thousands of candidates from the same sources, so everything that does
+not depend on the candidate is done once: the fp32 task vectors (source - base), and, the first
+time a magnitude method needs them, per-tensor magnitude tables (density -> threshold is then a
+lookup) and DELLA's rank norms. ``materialize`` reads no file and allocates nothing the size of
+the model: one tensor at a time is merged and copied into the live model's parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable
+
+import torch
+
+from ..errors import FuseEvoError
+from ..models import ModelPool, TensorGroup
+from ..recipe import Recipe, RecipeError
+from . import methods as ops
+
+# per-model parameters each method reads from the recipe, and the global ones it accepts
+_PER_MODEL = {
+    "linear": ("weight",),
+    "task_arithmetic": ("weight",),
+    "ties": ("weight", "density"),
+    "breadcrumbs": ("weight", "density", "gamma"),
+    "breadcrumbs_ties": ("weight", "density", "gamma"),
+    "dare_ties": ("weight", "density"),
+    "dare_linear": ("weight", "density"),
+    "della": ("weight", "density", "epsilon"),
+    "della_linear": ("weight", "density", "epsilon"),
+    "slerp": (),
+    "model_stock": (),
+}
+_GLOBAL = {
+    "linear": {"normalize"},
+    "task_arithmetic": {"normalize", "lambda"},
+    "ties": {"normalize", "lambda", "rescale", "consensus"},
+    "breadcrumbs": {"normalize", "lambda", "rescale"},
+    "breadcrumbs_ties": {"normalize", "lambda", "rescale", "consensus"},
+    "dare_ties": {"normalize", "lambda", "rescale", "consensus"},
+    "dare_linear": {"normalize", "lambda", "rescale"},
+    "della": {"normalize", "lambda", "rescale", "consensus"},
+    "della_linear": {"normalize", "lambda", "rescale"},
+    "slerp": {"t"},
+    "model_stock": {"filter_wise"},
+}
+_OPTIONAL = {"density", "gamma", "epsilon"}  # the operator's default applies when absent
+_MAGNITUDE = {"ties", "breadcrumbs", "breadcrumbs_ties"}
+_RANKED = {"della", "della_linear"}
+_STOCHASTIC = {"dare_ties", "dare_linear", "della", "della_linear"}
+
+
+def tensor_seed(recipe_seed: int, tensor: str) -> int:
+    """Each tensor's own stream, fixed by the recipe's seed: same recipe, same masks."""
+    digest = hashlib.sha256(f"{recipe_seed}:{tensor}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class MergeEngine:
+    """Resident task vectors for one ModelPool; ``materialize(recipe, into=model)`` in place.
+
+    ``device``: where the resident tensors live and merges are computed (default: CUDA when
+    available, else CPU). ``table_resolution``: ranks kept per magnitude table. None (the
+    default) keeps all of them: thresholds are exact (mergekit parity) and a table is as large
+    as its task vector; R ranks cut that to R+1 values with the kept count off by at most
+    numel/(2R), for models whose tables would not fit.
+    """
+
+    def __init__(
+        self,
+        pool: ModelPool,
+        device: str | torch.device | None = None,
+        table_resolution: int | None = None,
+    ):
+        self.pool = pool
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.table_resolution = table_resolution
+        self.base = {k: t.to(self.device) for k, t in pool.base.tensors.items()}
+        self.deltas: dict[str, dict[str, torch.Tensor]] = {
+            name: {k: ops.task_vector(self.base[k], t.to(self.device)) for k, t in src.tensors.items()}
+            for name, src in pool.sources.items()
+        }
+        self._tables: dict[tuple[str, str], ops.MagnitudeTable] = {}
+        self._rank_norms: dict[tuple[str, str], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ checks
+    def check(self, recipe: Recipe) -> None:
+        """Reject a recipe this pool cannot materialize, before touching the live model."""
+        unknown = [m for m in recipe.models if m not in self.deltas]
+        if unknown:
+            raise RecipeError(f"recipe.models: {unknown} not in the pool ({list(self.deltas)})")
+        if recipe.base != self.pool.base.name:
+            raise RecipeError(f"recipe.base: {recipe.base!r}, the pool's base is {self.pool.base.name!r}")
+        extra = set(recipe.parameters) - _GLOBAL[recipe.method]
+        if extra:
+            raise RecipeError(
+                f"recipe.parameters: {sorted(extra)} do not apply to {recipe.method} "
+                f"(it takes {sorted(_GLOBAL[recipe.method])})"
+            )
+        if recipe.method == "slerp" and len(recipe.models) != 1:
+            raise RecipeError("recipe.models: slerp interpolates the base and exactly one model")
+        if recipe.method == "model_stock" and len(recipe.models) < 2:
+            raise RecipeError("recipe.models: model_stock needs at least two fine-tuned models")
+        for group in dict.fromkeys(self.pool.groups.values()):  # in tensor order: stable errors
+            for model in recipe.models:
+                self._per_model(recipe, group, model)
+            if recipe.method == "slerp":
+                self._slerp_t(recipe, group)
+
+    def _per_model(self, recipe: Recipe, group: TensorGroup, model: str) -> dict[str, float]:
+        params = recipe.model_params(group, model)
+        wanted = _PER_MODEL[recipe.method]
+        extra = set(params) - set(wanted) - ({"t"} if recipe.method == "slerp" else set())
+        if extra:
+            raise RecipeError(f"recipe: {sorted(extra)} do not apply to {recipe.method} (model {model!r}, {_where(group)})")
+        missing = [p for p in wanted if p not in params and p not in _OPTIONAL]
+        if missing:
+            raise RecipeError(f"recipe: no {missing[0]} for model {model!r} in {_where(group)}")
+        return params
+
+    def _slerp_t(self, recipe: Recipe, group: TensorGroup) -> float:
+        t = recipe.model_params(group, recipe.models[0]).get("t", recipe.parameters.get("t"))
+        if t is None:
+            raise RecipeError(f"recipe: slerp needs t (in parameters or in the groups) for {_where(group)}")
+        return float(t)
+
+    # ------------------------------------------------------------------ merging
+    def _table(self, model: str, tensor: str) -> ops.MagnitudeTable:
+        key = (model, tensor)
+        if key not in self._tables:
+            self._tables[key] = ops.MagnitudeTable(self.deltas[model][tensor], self.table_resolution)
+        return self._tables[key]
+
+    def _rank_norm(self, model: str, tensor: str) -> torch.Tensor:
+        key = (model, tensor)
+        if key not in self._rank_norms:
+            self._rank_norms[key] = ops.row_rank_norm(self.deltas[model][tensor])
+        return self._rank_norms[key]
+
+    @torch.no_grad()
+    def merge_tensor(self, recipe: Recipe, name: str) -> torch.Tensor:
+        """The merged value of one tensor, in the base's dtype (fp32 accumulation)."""
+        group = self.pool.groups[name]
+        base = self.base[name]
+        models = recipe.models
+        deltas = [self.deltas[m][name] for m in models]
+        g = recipe.parameters
+        method = recipe.method
+        if method == "slerp":
+            other = base.float() + deltas[0]
+            return ops.slerp([base, other], self._slerp_t(recipe, group)).to(base.dtype)
+        if method == "model_stock":
+            return ops.model_stock(base, [base.float() + d for d in deltas],
+                                   filter_wise=bool(g.get("filter_wise", False)))
+        per = [self._per_model(recipe, group, m) for m in models]
+        weights = [p["weight"] for p in per]
+        if method == "linear":
+            return ops.linear_deltas(base, deltas, weights, normalize=bool(g.get("normalize", True)))
+        kw: dict[str, Any] = {"deltas_given": True}
+        for key, arg in (("normalize", "normalize"), ("lambda", "lambda_"), ("rescale", "rescale"),
+                         ("consensus", "consensus")):
+            if key in g:
+                kw[arg] = g[key]
+        if method == "task_arithmetic":
+            return ops.task_arithmetic(base, deltas, weights, **kw)
+        kw["densities"] = [p.get("density", 1.0) for p in per]
+        if method in _MAGNITUDE:
+            kw["tables"] = [self._table(m, name) for m in models]
+            if method != "ties":
+                kw["gamma"] = [p.get("gamma", 0.01) for p in per]
+        if method in _STOCHASTIC:
+            kw["seed"] = tensor_seed(recipe.seed, name)
+        if method in _RANKED:
+            kw["epsilon"] = [p.get("epsilon", 0.15) for p in per]
+            kw["rank_norms"] = [self._rank_norm(m, name) for m in models]
+        fn: Callable[..., torch.Tensor] = getattr(ops, method)
+        return fn(base, deltas, weights, **kw)
+
+    @torch.no_grad()
+    def materialize(self, recipe: Recipe, into: torch.nn.Module) -> torch.nn.Module:
+        """Write the recipe's merge into ``into`` (a model of the base's architecture) in place."""
+        self.check(recipe)
+        targets = into.state_dict()
+        missing = [k for k in self.base if k not in targets]
+        if missing:
+            raise FuseEvoError(f"the live model has no tensor {missing[0]!r}: not a model of the base's architecture")
+        for name in self.base:
+            targets[name].copy_(self.merge_tensor(recipe, name))
+        return into
+
+
+def _where(group: TensorGroup) -> str:
+    if group.kind != "layer":
+        return f"group {group.kind}"
+    return f"group layers.{group.layer}.{group.part}"

@@ -1,0 +1,157 @@
+"""MergeEngine on the micro zoo: equals the operators, in place, deterministic, checked first."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fuse_evo.export import save_merged
+from fuse_evo.errors import FuseEvoError
+from fuse_evo.merge import methods as ops
+from fuse_evo.merge.engine import MergeEngine, tensor_seed
+from fuse_evo.models import ModelPool
+from fuse_evo.recipe import Recipe, RecipeError
+from fuse_evo.zoo.scoring import greedy_exact_match
+from fuse_evo.zoo.skills import eval_splits
+
+SKILLS = ("increment", "reverse", "shift")
+
+
+@pytest.fixture(scope="module")
+def engine(micro_zoo):
+    models = micro_zoo["models"]
+    pool = ModelPool(models["base"]["path"], {n: m["path"] for n, m in models.items() if m["skill"]})
+    return MergeEngine(pool, device="cpu")
+
+
+def _recipe(method, **params):
+    per_model = {"weight": 0.6, "density": 0.5}
+    if method in ("task_arithmetic", "linear"):
+        per_model = {"weight": 0.6}
+    if method in ("breadcrumbs", "breadcrumbs_ties"):
+        per_model["gamma"] = 0.05
+    if method in ("della", "della_linear"):
+        per_model["epsilon"] = 0.1
+    if method in ("slerp", "model_stock"):
+        per_model = {}
+    models = ("ft_reverse",) if method == "slerp" else ("ft_increment", "ft_reverse", "ft_shift")
+    groups = {"*": {"*": per_model}} if per_model else {}
+    if per_model:  # a per-layer, per-part override, as a search would write
+        groups["layers.1.mlp"] = {"ft_shift": {**per_model, "weight": 0.9}}
+    return Recipe(method=method, models=models, parameters=params, groups=groups, seed=3)
+
+
+def _reference(engine, recipe, name):
+    """The operator called directly on the pool's full tensors with the recipe's parameters."""
+    pool = engine.pool
+    base = pool.base.tensors[name]
+    srcs = [pool.sources[m].tensors[name] for m in recipe.models]
+    group = pool.groups[name]
+    per = [recipe.model_params(group, m) for m in recipe.models]
+    w = [p.get("weight") for p in per]
+    d = [p.get("density") for p in per]
+    seed = tensor_seed(recipe.seed, name)
+    m = recipe.method
+    if m == "linear":
+        return ops.linear(srcs, w)
+    if m == "task_arithmetic":
+        return ops.task_arithmetic(base, srcs, w)
+    if m == "ties":
+        return ops.ties(base, srcs, w, d)
+    if m in ("breadcrumbs", "breadcrumbs_ties"):
+        return getattr(ops, m)(base, srcs, w, d, [p["gamma"] for p in per])
+    if m in ("dare_ties", "dare_linear"):
+        return getattr(ops, m)(base, srcs, w, d, seed=seed)
+    if m in ("della", "della_linear"):
+        return getattr(ops, m)(base, srcs, w, d, [p["epsilon"] for p in per], seed=seed)
+    if m == "slerp":
+        return ops.slerp([base, srcs[0]], recipe.parameters["t"])
+    return ops.model_stock(base, srcs)
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [
+        ("linear", {}), ("task_arithmetic", {}), ("ties", {}), ("breadcrumbs", {}),
+        ("breadcrumbs_ties", {}), ("dare_ties", {}), ("dare_linear", {}), ("della", {}),
+        ("della_linear", {}), ("slerp", {"t": 0.3}), ("model_stock", {}),
+    ],
+)
+def test_engine_equals_the_operators(engine, method, params):
+    recipe = _recipe(method, **params)
+    live = engine.pool.new_model()
+    engine.materialize(recipe, into=live)
+    merged = live.state_dict()
+    for name in engine.pool.tensor_names:
+        torch.testing.assert_close(merged[name], _reference(engine, recipe, name), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{method} {name}: {m}")
+
+
+def test_materialize_is_in_place_and_repeatable(engine):
+    live = engine.pool.new_model()
+    params = {n: p for n, p in live.named_parameters()}
+    ptrs = {n: p.data_ptr() for n, p in params.items()}
+    a, b = _recipe("dare_ties"), Recipe.from_dict({**_recipe("dare_ties").to_dict(), "seed": 4})
+    engine.materialize(a, into=live)
+    first = {n: p.detach().clone() for n, p in params.items()}
+    engine.materialize(b, into=live)
+    assert any(not torch.equal(first[n], p) for n, p in params.items())
+    engine.materialize(a, into=live)
+    assert all(torch.equal(first[n], p) for n, p in params.items())
+    assert {n: p.data_ptr() for n, p in live.named_parameters()} == ptrs
+
+
+def test_uniform_task_arithmetic_reproduces_the_zoo_merge(engine, micro_zoo):
+    """The engine's task arithmetic scores exactly what the zoo measured for the same merge."""
+    ta = micro_zoo["uniform_merges"]["task_arithmetic"]
+    scale = ta["best_scale"]
+    recipe = Recipe("task_arithmetic", ("ft_increment", "ft_reverse", "ft_shift"),
+                    parameters={"lambda": scale}, groups={"*": {"*": {"weight": 1.0}}})
+    live = engine.materialize(recipe, into=engine.pool.new_model())
+    tok = engine.pool.tokenizer()
+    cfg = micro_zoo["config"]
+    for skill in SKILLS:
+        heldout = eval_splits(skill, cfg["seed"], cfg["n_search"], cfg["n_heldout"])[1]
+        assert round(greedy_exact_match(live, tok, heldout), 4) == ta["best"]["scores"][skill]
+
+
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        (Recipe("ties", ("ft_x",), groups={"*": {"*": {"weight": 1.0}}}), r"recipe.models: \['ft_x'\] not in the pool"),
+        (Recipe("ties", ("ft_shift",), parameters={"t": 0.5}, groups={"*": {"*": {"weight": 1.0}}}), r"\['t'\] do not apply to ties"),
+        (Recipe("ties", ("ft_shift",), groups={"layers.0": {"*": {"weight": 1.0}}}), "no weight for model 'ft_shift' in group head"),
+        (Recipe("task_arithmetic", ("ft_shift",), groups={"*": {"*": {"weight": 1.0, "density": 0.5}}}), r"\['density'\] do not apply to task_arithmetic"),
+        (Recipe("slerp", ("ft_shift", "ft_reverse")), "exactly one model"),
+        (Recipe("slerp", ("ft_shift",)), "slerp needs t"),
+        (Recipe("model_stock", ("ft_shift",)), "at least two"),
+    ],
+)
+def test_bad_recipes_fail_before_the_model_is_touched(engine, recipe, message):
+    live = engine.pool.new_model()
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    with pytest.raises(RecipeError, match=message):
+        engine.materialize(recipe, into=live)
+    assert all(torch.equal(before[k], v) for k, v in live.state_dict().items())
+
+
+def test_export_writes_a_loadable_folder_atomically(engine, tmp_path):
+    recipe = _recipe("ties")
+    live = engine.materialize(recipe, into=engine.pool.new_model())
+    sources = {"base": str(engine.pool.base.path), **{n: str(m.path) for n, m in engine.pool.sources.items()}}
+    out = save_merged(live, engine.pool.tokenizer(), tmp_path / "merged", recipe, sources,
+                      scores={"zoo_shift_heldout/acc": 0.5}, max_shard_size="100KB")
+    assert (out / "model.safetensors.index.json").exists()  # sharded
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temp folder left behind
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([[1, 34, 21, 38, 4, 17, 18, 19, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, live(ids).logits)
+    card = (out / "README.md").read_text()
+    assert recipe.key in card and "zoo_shift_heldout/acc" in card
+    import yaml
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert Recipe.from_dict(saved["recipe"]) == recipe and saved["sources"] == sources
+    with pytest.raises(FuseEvoError, match="already exists"):
+        save_merged(live, None, out, recipe, sources)
