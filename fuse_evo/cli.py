@@ -45,12 +45,40 @@ def _zoo(cfg: DictConfig) -> None:
 COMMANDS: dict[str, tuple[str, Callable[[DictConfig], None], str]] = {
     "zoo": ("zoo", _zoo, "build (or reuse) the offline model zoo and print its score table"),
 }
+# commands with plain flags (their arguments are files and folders, not a composed config)
+FLAG_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "merge": (lambda argv: _merge(argv), "merge models from a recipe or a mergekit YAML into an HF folder"),
+}
+
+
+def _merge(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="fuse-evo merge",
+        description="Materialize a merge into a Hugging Face folder. CONFIG is a fuse_evo merge "
+        "file (the recipe.yaml of an export: sources + recipe) or a mergekit YAML config.",
+    )
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="output model folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--allow-pickle", action="store_true", help="also read pickled .bin checkpoints (runs their code)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--max-shard-size", default="2GB")
+    args = parser.parse_args(argv)
+    from .merge.run import merge_file
+
+    out = merge_file(args.config, args.out, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+                     device=args.device, max_shard_size=args.max_shard_size)
+    print(f"merged model written to {out}")
+    return 0
 
 
 def _usage() -> str:
     lines = ["usage: fuse-evo COMMAND [key=value ...]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in COMMANDS.items()]
-    lines += ["", "Each command takes Hydra overrides; `fuse-evo COMMAND --help` lists its config."]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in FLAG_COMMANDS.items()]
+    lines += ["", "zoo takes Hydra overrides (key=value); `fuse-evo COMMAND --help` explains each command."]
     return "\n".join(lines)
 
 
@@ -73,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     command, rest = argv[0], argv[1:]
+    if command in FLAG_COMMANDS:
+        try:
+            return FLAG_COMMANDS[command][0](rest)
+        except FuseEvoError as e:
+            print(f"fuse-evo: error: {e}", file=sys.stderr)
+            return 2
     if command not in COMMANDS:
         print(f"fuse-evo: error: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 
 
@@ -264,8 +265,11 @@ class ModelPool:
                 )
 
     def tokenizer(self):
+        """The base's tokenizer (the merge keeps its vocabulary), or None if it ships none."""
         from transformers import AutoTokenizer
 
+        if not any((self.base.path / f).exists() for f in TOKENIZER_FILES):
+            return None
         return AutoTokenizer.from_pretrained(self.base.path, trust_remote_code=self.trust_remote_code)
 
     def new_model(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):

@@ -5,9 +5,12 @@ parameters (weight, density, ...) for tensor groups, and the seed of stochastic 
 hashable (``key``), round-trips through YAML/JSON, and resolves the parameters of any tensor
 from the most specific group that covers it:
 
-    layers.<i>.<attn|mlp>  >  layers.<i>  >  layers.<a>-<b> (a block, inclusive)  >  <kind>  >  "*"
+    tensor:<name>  >  layers.<i>.<attn|mlp>  >  layers.<i>  >  layers.<a>-<b> (a block,
+    inclusive)  >  <kind>  >  "*"
 
 where ``<kind>`` is ``embed``, ``norm`` (the final norm) or ``head``, and ``"*"`` is the default.
+``tensor:<name>`` entries exist for configs finer than a group (mergekit ``filter`` values such
+as ``q_proj``); a search never needs them.
 """
 
 from __future__ import annotations
@@ -28,8 +31,40 @@ METHODS = (
     "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "breadcrumbs",
     "breadcrumbs_ties", "della", "della_linear", "model_stock",
 )
+# per-model parameters each method reads, and the global ones it accepts
+PER_MODEL_PARAMS: dict[str, tuple[str, ...]] = {
+    "linear": ("weight",),
+    "task_arithmetic": ("weight",),
+    "ties": ("weight", "density"),
+    "breadcrumbs": ("weight", "density", "gamma"),
+    "breadcrumbs_ties": ("weight", "density", "gamma"),
+    "dare_ties": ("weight", "density"),
+    "dare_linear": ("weight", "density"),
+    "della": ("weight", "density", "epsilon"),
+    "della_linear": ("weight", "density", "epsilon"),
+    "slerp": (),
+    "model_stock": (),
+}
+GLOBAL_PARAMS: dict[str, set[str]] = {
+    "linear": {"normalize"},
+    "task_arithmetic": {"normalize", "lambda"},
+    "ties": {"normalize", "lambda", "rescale", "consensus"},
+    "breadcrumbs": {"normalize", "lambda", "rescale"},
+    "breadcrumbs_ties": {"normalize", "lambda", "rescale", "consensus"},
+    "dare_ties": {"normalize", "lambda", "rescale", "consensus"},
+    "dare_linear": {"normalize", "lambda", "rescale"},
+    "della": {"normalize", "lambda", "rescale", "consensus"},
+    "della_linear": {"normalize", "lambda", "rescale"},
+    "slerp": {"t"},
+    "model_stock": {"filter_wise"},
+}
+# what a per-model parameter is when a recipe leaves it out (mergekit's defaults); weight has none
+PER_MODEL_DEFAULTS = {"density": 1.0, "gamma": 0.01, "epsilon": 0.15}
+
 _BLOCK = re.compile(r"layers\.(\d+)-(\d+)")
-_GROUP_KEY = re.compile(r"\*|embed|norm|head|layers\.\d+(\.(attn|mlp))?|layers\.\d+-\d+(\.(attn|mlp))?")
+_GROUP_KEY = re.compile(
+    r"\*|embed|norm|head|layers\.\d+(\.(attn|mlp))?|layers\.\d+-\d+(\.(attn|mlp))?|tensor:\S+"
+)
 
 
 class RecipeError(FuseEvoError):
@@ -71,7 +106,7 @@ class Recipe:
             if not _GROUP_KEY.fullmatch(key):
                 raise RecipeError(
                     f"recipe.groups: bad group {key!r} (use '*', embed, norm, head, layers.I, "
-                    "layers.I.attn, layers.I.mlp or layers.A-B)"
+                    "layers.I.attn, layers.I.mlp, layers.A-B or tensor:NAME)"
                 )
             unknown = set(per_model) - set(self.models) - {"*"}
             if unknown:
@@ -134,22 +169,23 @@ class Recipe:
         return cls.from_yaml(Path(path).read_text())
 
     # ------------------------------------------------------------------ resolution
-    def _candidates(self, group: TensorGroup) -> list[str]:
+    def _candidates(self, group: TensorGroup, tensor: str | None) -> list[str]:
+        exact = [f"tensor:{tensor}"] if tensor is not None else []
         if group.kind != "layer":
-            return [group.kind, "*"]
+            return [*exact, group.kind, "*"]
         i, part = group.layer, group.part
         blocks = [
             k for k in self.groups
             if (m := _BLOCK.match(k)) and int(m.group(1)) <= i <= int(m.group(2))
         ]
         specific = [b for b in blocks if b.endswith(f".{part}")] + [b for b in blocks if "." not in b[7:]]
-        return [f"layers.{i}.{part}", f"layers.{i}", *specific, "*"]
+        return [*exact, f"layers.{i}.{part}", f"layers.{i}", *specific, "*"]
 
-    def model_params(self, group: TensorGroup, model: str) -> dict[str, float]:
-        """The parameters of ``model`` for tensors in ``group``; each key from its most specific
-        group, per-model entries before a group's ``"*"`` entry."""
+    def model_params(self, group: TensorGroup, model: str, tensor: str | None = None) -> dict[str, float]:
+        """The parameters of ``model`` for a tensor in ``group`` (named ``tensor``); each key from
+        its most specific group, per-model entries before a group's ``"*"`` entry."""
         out: dict[str, float] = {}
-        for key in reversed(self._candidates(group)):
+        for key in reversed(self._candidates(group, tensor)):
             per_model = self.groups.get(key, {})
             out.update(per_model.get("*", {}))
             out.update(per_model.get(model, {}))

@@ -16,37 +16,12 @@ import torch
 
 from ..errors import FuseEvoError
 from ..models import ModelPool, TensorGroup
+from ..recipe import GLOBAL_PARAMS as _GLOBAL
+from ..recipe import PER_MODEL_DEFAULTS
+from ..recipe import PER_MODEL_PARAMS as _PER_MODEL
 from ..recipe import Recipe, RecipeError
 from . import methods as ops
 
-# per-model parameters each method reads from the recipe, and the global ones it accepts
-_PER_MODEL = {
-    "linear": ("weight",),
-    "task_arithmetic": ("weight",),
-    "ties": ("weight", "density"),
-    "breadcrumbs": ("weight", "density", "gamma"),
-    "breadcrumbs_ties": ("weight", "density", "gamma"),
-    "dare_ties": ("weight", "density"),
-    "dare_linear": ("weight", "density"),
-    "della": ("weight", "density", "epsilon"),
-    "della_linear": ("weight", "density", "epsilon"),
-    "slerp": (),
-    "model_stock": (),
-}
-_GLOBAL = {
-    "linear": {"normalize"},
-    "task_arithmetic": {"normalize", "lambda"},
-    "ties": {"normalize", "lambda", "rescale", "consensus"},
-    "breadcrumbs": {"normalize", "lambda", "rescale"},
-    "breadcrumbs_ties": {"normalize", "lambda", "rescale", "consensus"},
-    "dare_ties": {"normalize", "lambda", "rescale", "consensus"},
-    "dare_linear": {"normalize", "lambda", "rescale"},
-    "della": {"normalize", "lambda", "rescale", "consensus"},
-    "della_linear": {"normalize", "lambda", "rescale"},
-    "slerp": {"t"},
-    "model_stock": {"filter_wise"},
-}
-_OPTIONAL = {"density", "gamma", "epsilon"}  # the operator's default applies when absent
 _MAGNITUDE = {"ties", "breadcrumbs", "breadcrumbs_ties"}
 _RANKED = {"della", "della_linear"}
 _STOCHASTIC = {"dare_ties", "dare_linear", "della", "della_linear"}
@@ -103,25 +78,31 @@ class MergeEngine:
             raise RecipeError("recipe.models: slerp interpolates the base and exactly one model")
         if recipe.method == "model_stock" and len(recipe.models) < 2:
             raise RecipeError("recipe.models: model_stock needs at least two fine-tuned models")
-        for group in dict.fromkeys(self.pool.groups.values()):  # in tensor order: stable errors
+        exact = any(k.startswith("tensor:") for k in recipe.groups)
+        unknown = [k[7:] for k in recipe.groups if k.startswith("tensor:") and k[7:] not in self.base]
+        if unknown:
+            raise RecipeError(f"recipe.groups: no tensor {unknown[0]!r} in the base model")
+        # every distinct group (and, with tensor: entries, every tensor) once, in tensor order
+        seen = {(None if not exact else n, g): (n, g) for n, g in self.pool.groups.items()}
+        for name, group in seen.values():
             for model in recipe.models:
-                self._per_model(recipe, group, model)
+                self._per_model(recipe, group, model, name)
             if recipe.method == "slerp":
-                self._slerp_t(recipe, group)
+                self._slerp_t(recipe, group, name)
 
-    def _per_model(self, recipe: Recipe, group: TensorGroup, model: str) -> dict[str, float]:
-        params = recipe.model_params(group, model)
+    def _per_model(self, recipe: Recipe, group: TensorGroup, model: str, tensor: str) -> dict[str, float]:
+        params = recipe.model_params(group, model, tensor)
         wanted = _PER_MODEL[recipe.method]
         extra = set(params) - set(wanted) - ({"t"} if recipe.method == "slerp" else set())
         if extra:
             raise RecipeError(f"recipe: {sorted(extra)} do not apply to {recipe.method} (model {model!r}, {_where(group)})")
-        missing = [p for p in wanted if p not in params and p not in _OPTIONAL]
+        missing = [p for p in wanted if p not in params and p not in PER_MODEL_DEFAULTS]
         if missing:
             raise RecipeError(f"recipe: no {missing[0]} for model {model!r} in {_where(group)}")
-        return params
+        return {**{p: PER_MODEL_DEFAULTS[p] for p in wanted if p in PER_MODEL_DEFAULTS}, **params}
 
-    def _slerp_t(self, recipe: Recipe, group: TensorGroup) -> float:
-        t = recipe.model_params(group, recipe.models[0]).get("t", recipe.parameters.get("t"))
+    def _slerp_t(self, recipe: Recipe, group: TensorGroup, tensor: str) -> float:
+        t = recipe.model_params(group, recipe.models[0], tensor).get("t", recipe.parameters.get("t"))
         if t is None:
             raise RecipeError(f"recipe: slerp needs t (in parameters or in the groups) for {_where(group)}")
         return float(t)
@@ -150,11 +131,11 @@ class MergeEngine:
         method = recipe.method
         if method == "slerp":
             other = base.float() + deltas[0]
-            return ops.slerp([base, other], self._slerp_t(recipe, group)).to(base.dtype)
+            return ops.slerp([base, other], self._slerp_t(recipe, group, name)).to(base.dtype)
         if method == "model_stock":
             return ops.model_stock(base, [base.float() + d for d in deltas],
                                    filter_wise=bool(g.get("filter_wise", False)))
-        per = [self._per_model(recipe, group, m) for m in models]
+        per = [self._per_model(recipe, group, m, name) for m in models]
         weights = [p["weight"] for p in per]
         if method == "linear":
             return ops.linear_deltas(base, deltas, weights, normalize=bool(g.get("normalize", True)))
@@ -165,15 +146,15 @@ class MergeEngine:
                 kw[arg] = g[key]
         if method == "task_arithmetic":
             return ops.task_arithmetic(base, deltas, weights, **kw)
-        kw["densities"] = [p.get("density", 1.0) for p in per]
+        kw["densities"] = [p["density"] for p in per]
         if method in _MAGNITUDE:
             kw["tables"] = [self._table(m, name) for m in models]
             if method != "ties":
-                kw["gamma"] = [p.get("gamma", 0.01) for p in per]
+                kw["gamma"] = [p["gamma"] for p in per]
         if method in _STOCHASTIC:
             kw["seed"] = tensor_seed(recipe.seed, name)
         if method in _RANKED:
-            kw["epsilon"] = [p.get("epsilon", 0.15) for p in per]
+            kw["epsilon"] = [p["epsilon"] for p in per]
             kw["rank_norms"] = [self._rank_norm(m, name) for m in models]
         fn: Callable[..., torch.Tensor] = getattr(ops, method)
         return fn(base, deltas, weights, **kw)

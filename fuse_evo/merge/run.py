@@ -1,0 +1,72 @@
+"""One merge from a file to a folder: the body of `fuse-evo merge`.
+
+The file is either our own merge file (``sources`` + ``recipe``, as every export writes it in
+``recipe.yaml``) or a mergekit YAML config (recognised by ``merge_method``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .. import mergekit_yaml
+from ..errors import FuseEvoError
+from ..export import save_merged
+from ..models import ModelPool
+from ..recipe import Recipe
+from .engine import MergeEngine
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, None: None}
+
+
+def read_merge_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise FuseEvoError(f"merge config {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise FuseEvoError(f"merge config {path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise FuseEvoError(f"merge config {path}: expected a mapping at the top level")
+    return data
+
+
+def merge_file(
+    config: Path,
+    out: Path,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    device: str | None = None,
+    max_shard_size: str = "2GB",
+) -> Path:
+    data = read_merge_file(config)
+    here = Path(config).resolve().parent
+    if "merge_method" in data:
+        mk = mergekit_yaml.parse(data, relative_to=here)
+        sources, dtype = mk.sources(), mk.dtype
+        pool = ModelPool(sources["base"], mk.models, allow_pickle=allow_pickle)
+        recipe = mergekit_yaml.to_recipe(mk, pool)
+    elif "recipe" in data and "sources" in data:
+        recipe = Recipe.from_dict(data["recipe"])
+        sources = {k: str(v) for k, v in data["sources"].items()}
+        missing = [m for m in (recipe.base, *recipe.models) if m not in sources]
+        if missing:
+            raise FuseEvoError(f"merge config {config}: sources has no path for {missing}")
+        pool = ModelPool(sources[recipe.base], {m: sources[m] for m in recipe.models},
+                         allow_pickle=allow_pickle, base_name=recipe.base)
+        dtype = data.get("dtype")
+    else:
+        raise FuseEvoError(
+            f"merge config {config}: expected a fuse_evo merge file (sources + recipe) or a "
+            "mergekit config (merge_method + models)"
+        )
+    if dtype not in _DTYPES:
+        raise FuseEvoError(f"merge config {config}: dtype {dtype!r} is not one of float32, float16, bfloat16")
+    engine = MergeEngine(pool, device=device)
+    engine.check(recipe)
+    live = engine.materialize(recipe, into=pool.new_model(dtype=_DTYPES[dtype], device=engine.device))
+    return save_merged(live.cpu(), pool.tokenizer(), out, recipe, sources,
+                       max_shard_size=max_shard_size, overwrite=overwrite)
