@@ -246,30 +246,42 @@ def time_calls(fn: Callable[[int], Any], n_warm: int, n: int) -> tuple[list[floa
 
 
 class Roofline:
-    """One pass over [base; deltas] (fp32, stacked per tensor) per candidate, into the live model."""
+    """One pass over ``[base; delta_1..delta_N]`` stacked per tensor, into the live model.
 
-    def __init__(self, engine, experts: list[str]):
+    ``dtype`` float32 = the bytes fuse_evo keeps resident (fp32 task vectors); bfloat16 = the
+    bytes mergekit reads (bf16 weights), the least any merge of these models has to read.
+    ``mm``: ``[1, 1+N] @ [1+N, numel]`` into a reused fp32 buffer; ``sum``:
+    ``torch.sum(stacked * w, 0)``. Both then copy (cast) into the bf16 live parameter.
+    """
+
+    def __init__(self, engine, experts: list[str], dtype: torch.dtype):
         self.names = list(engine.base)
+        self.dtype = dtype
         self.stacks = {
             k: torch.stack([engine.base[k].float().reshape(-1)]
-                           + [engine.deltas[e][k].reshape(-1) for e in experts])
+                           + [engine.deltas[e][k].reshape(-1) for e in experts]).to(dtype)
             for k in self.names
         }
         largest = max(s.shape[1] for s in self.stacks.values())
-        self.buf = torch.empty(1, largest)
+        self.buf = torch.empty(1, largest, dtype=dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.stacks.values())
 
     @torch.no_grad()
     def mm(self, weights: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> None:
         for k in self.names:
             s = self.stacks[k]
             out = self.buf[:, : s.shape[1]]
-            torch.mm(weights[k].view(1, -1), s, out=out)
+            torch.mm(weights[k].view(1, -1).to(self.dtype), s, out=out)
             targets[k].view(-1).copy_(out.view(-1))
 
     @torch.no_grad()
     def sum(self, weights: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> None:
         for k in self.names:
-            targets[k].view(-1).copy_(torch.sum(self.stacks[k] * weights[k].view(-1, 1), 0))
+            w = weights[k].view(-1, 1).to(self.dtype)
+            targets[k].view(-1).copy_(torch.sum(self.stacks[k] * w, 0))
 
 
 def mergekit_params(method: str, genes: dict, tensor_names: list[str], experts: list[str]) -> dict:
@@ -307,15 +319,28 @@ def mergekit_yaml_config(method: str, genes: dict, folders: dict[str, Path], exp
     return cfg
 
 
+_WAIT_CHILD = (
+    "import json, resource, subprocess, sys, time\n"
+    "t0 = time.perf_counter(); rc = subprocess.call(sys.argv[2:])\n"
+    "dt = time.perf_counter() - t0\n"
+    "ru = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "open(sys.argv[1], 'w').write(json.dumps({'rc': rc, 'wall_s': dt, 'maxrss_kib': ru.ru_maxrss}))\n"
+)
+
+
 def run_process(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[float, int, int]:
-    """Wall seconds, exit status and peak RSS (bytes) of one child process."""
+    """Wall seconds, exit status and peak RSS (bytes) of one child process.
+
+    The command runs under a small Python parent that reports its children's ``ru_maxrss``:
+    a child forked straight from this (large) process would inherit our RSS high-water mark.
+    The wall time is the one measured inside that parent (process start to exit).
+    """
+    report = log.with_suffix(".rusage.json")
     with open(log, "wb") as fh:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **env})
-        _, status, usage = os.wait4(proc.pid, 0)
-        dt = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return dt, proc.returncode, usage.ru_maxrss * 1024
+        subprocess.run([sys.executable, "-c", _WAIT_CHILD, str(report), *cmd], stdout=fh,
+                       stderr=subprocess.STDOUT, env={**os.environ, **env}, check=False)
+    r = json.loads(report.read_text())
+    return r["wall_s"], r["rc"], r["maxrss_kib"] * 1024
 
 
 def agreement(merged: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
@@ -332,13 +357,20 @@ def agreement(merged: dict[str, torch.Tensor], reference: dict[str, torch.Tensor
 
 
 def profile_call(fn: Callable[[], Any], top: int = 15) -> str:
+    """cProfile (Python functions, by own time) and torch.profiler (ATen ops, by self CPU time)
+    of one call."""
     prof = cProfile.Profile()
     prof.enable()
     fn()
     prof.disable()
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(top)
-    return s.getvalue()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as tp:
+        fn()
+    ops = tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    return f"== cProfile ==\n{s.getvalue()}\n== torch.profiler ==\n{ops}"
 
 
 # ---------------------------------------------------------------------------- main
@@ -390,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: v for k, v in vars(args).items()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "host": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                 "platform": platform.platform()},
+                 "platform": platform.platform(), "loadavg_start": os.getloadavg()},
         "timings": {}, "setup": {}, "skipped": {}, "agreement": {}, "profiles": {},
     }
     import transformers
@@ -484,25 +516,30 @@ def main(argv: list[str] | None = None) -> int:
 
         # ------------------------------------------------------------------ roofline
         if "roofline" in args.peers:
-            t0 = time.perf_counter()
-            with mon.phase("setup_roofline"):
-                roof = Roofline(engine, experts)
-            results["setup"]["roofline_stack_s"] = time.perf_counter() - t0
             ta = candidate_genes(args, "task_arithmetic", experts)
+            names = list(engine.base)
             wvecs = [{k: torch.tensor([1.0] + [gene_value(g, k, e, "weight") for e in experts])
-                      for k in roof.names} for g in ta]
-            with mon.phase("roofline"):
-                warm_mm, mm = time_calls(lambda i: roof.mm(wvecs[i], targets), args.warmup, args.candidates)
-                warm_sum, sm = time_calls(lambda i: roof.sum(wvecs[i], targets), args.warmup, args.candidates)
-            timings["roofline_mm"] = {"first_call_s": warm_mm, "samples_s": mm}
-            timings["roofline_sum"] = {"first_call_s": warm_sum, "samples_s": sm}
-            best = "roofline_mm" if median(mm) <= median(sm) else "roofline_sum"
-            timings["roofline"] = dict(timings[best], variant=best)
-            gb = sum(s.numel() * s.element_size() for s in roof.stacks.values()) / 1e9
-            results["roofline_bytes_read_gb"] = gb
-            print(f"[roofline] mm {median(mm):.4f}s, sum {median(sm):.4f}s "
-                  f"({gb:.2f} GB read -> {gb / min(median(mm), median(sm)):.1f} GB/s)", flush=True)
-            del roof
+                      for k in names} for g in ta]
+            best: dict[str, tuple[float, str]] = {}
+            for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+                t0 = time.perf_counter()
+                with mon.phase(f"setup_roofline_{tag}"):
+                    roof = Roofline(engine, experts, dtype)
+                results["setup"][f"roofline_{tag}_stack_s"] = time.perf_counter() - t0
+                results[f"roofline_{tag}_bytes_read_gb"] = gb = roof.nbytes / 1e9
+                for variant in ("mm", "sum"):
+                    with mon.phase(f"roofline_{tag}_{variant}"):
+                        warm, timed = time_calls(lambda i: getattr(roof, variant)(wvecs[i], targets),
+                                                 args.warmup, args.candidates)
+                    key = f"roofline_{tag}_{variant}"
+                    timings[key] = {"first_call_s": warm, "samples_s": timed, "bytes_read_gb": gb}
+                    print(f"[roofline] {tag} {variant}: median {median(timed):.4f}s "
+                          f"({gb:.3f} GB read -> {gb / median(timed):.1f} GB/s)", flush=True)
+                    if tag not in best or median(timed) < best[tag][0]:
+                        best[tag] = (median(timed), key)
+                del roof
+            timings["roofline"] = dict(timings[best["fp32"][1]], variant=best["fp32"][1])
+            timings["roofline_bf16"] = dict(timings[best["bf16"][1]], variant=best["bf16"][1])
 
         # ------------------------------------------------------------------ mergekit API
         if "mergekit_api" in args.peers:
@@ -574,6 +611,12 @@ def main(argv: list[str] | None = None) -> int:
         if tmp is not None:
             tmp.cleanup()
 
+    results["host"]["loadavg_end"] = os.getloadavg()
+    if max(results["host"]["loadavg_start"][0], results["host"]["loadavg_end"][0]) > args.threads + 0.5:
+        print(f"[warn] other work is running (load {results['host']['loadavg_start'][0]:.1f} at start, "
+              f"{results['host']['loadavg_end'][0]:.1f} at end): timings with {args.threads} threads "
+              "on a busy machine are inflated (OpenMP threads wait for descheduled peers); "
+              "--threads 1 is more stable there", flush=True)
     results["memory"] = {"phases": mon.phases, "process_peak_rss_mib": _maxrss_bytes() / 2**20}
     summary = summarize(results, args)
     results["summary"] = summary
@@ -588,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
 def summarize(results: dict, args: argparse.Namespace) -> dict:
     t = results["timings"]
     roof = median(t.get("roofline", {}).get("samples_s", []))
+    roof16 = median(t.get("roofline_bf16", {}).get("samples_s", []))
     rows = {}
     for m in args.methods:
         row: dict[str, Any] = {}
@@ -596,9 +640,14 @@ def summarize(results: dict, args: argparse.Namespace) -> dict:
             if s is None:
                 continue
             row[peer] = {"median_s": s, "x_roofline": s / roof if roof else None,
+                         "x_roofline_bf16": s / roof16 if roof16 else None,
                          "n": len(t[m][peer]["samples_s"])}
         if roof:
-            row["roofline"] = {"median_s": roof, "x_roofline": 1.0}
+            row["roofline"] = {"median_s": roof, "x_roofline": 1.0,
+                               "x_roofline_bf16": roof / roof16 if roof16 else None}
+        if roof16:
+            row["roofline_bf16"] = {"median_s": roof16, "x_roofline": roof16 / roof if roof else None,
+                                    "x_roofline_bf16": 1.0}
         f, k = row.get("fuse_evo"), row.get("mergekit_api")
         if f and k:
             row["mergekit_api_over_fuse_evo"] = k["median_s"] / f["median_s"]
@@ -617,28 +666,34 @@ def print_table(summary: dict, results: dict) -> None:
         x = f" ({e['x_roofline']:.1f}x)" if e.get("x_roofline") is not None else ""
         return f"{e['median_s']:.3f}s{x}"
 
-    peers = ["fuse_evo", "roofline", "mergekit_api", "mergekit_yaml"]
+    peers = ["fuse_evo", "roofline", "roofline_bf16", "mergekit_api", "mergekit_yaml"]
     head = ["method"] + peers + ["mk_api/fuse", "target", "ok"]
     lines = [head]
     for m, row in summary.items():
         k = row.get("mergekit_api_over_fuse_evo")
         lines.append([m] + [cell(row, p) for p in peers]
-                     + [f"{k:.1f}x" if k else "-", f"<={row['target_x_roofline']:.0f}x" if "target_x_roofline" in row else "-",
+                     + [f"{k:.2f}x" if k else "-",
+                        f"<={row['target_x_roofline']:.0f}x" if "target_x_roofline" in row else "-",
                         ("yes" if row["meets_target"] else "NO") if "meets_target" in row else "-"])
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
-    print("\nmedian seconds per candidate (x roofline); mergekit_yaml = one process run")
+    mdl = results.get("model", {})
+    print(f"\nmedian seconds per candidate (x fp32 roofline); {mdl.get('params', 0) / 1e6:.1f}M params, "
+          f"{mdl.get('experts')} experts, {results['host']['torch_threads']} torch threads; "
+          "mergekit_yaml = one whole process run; mk_api/fuse > 1 means fuse_evo is faster")
     for r in lines:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    load = results["host"].get("loadavg_start"), results["host"].get("loadavg_end")
+    print(f"load average at start/end: {load[0]} / {load[1]} on {results['host']['cpus']} CPUs")
     mem = results["memory"]
     print(f"\npeak RSS (process): {mem['process_peak_rss_mib']:.0f} MiB")
     for name, ph in mem["phases"].items():
-        print(f"  {name:28s} peak {ph['rss_peak_mib']:8.0f} MiB  (+{ph['peak_over_start_mib']:.0f} over phase start)")
+        print(f"  {name:30s} peak {ph['rss_peak_mib']:8.0f} MiB  (+{ph['peak_over_start_mib']:.0f} over phase start)")
     for m, e in results["timings"].items():
         y = e.get("mergekit_yaml") if isinstance(e, dict) else None
         if y and "child_peak_rss_mib" in y:
-            print(f"  mergekit-yaml {m:14s} child peak {y['child_peak_rss_mib']:8.0f} MiB")
+            print(f"  mergekit-yaml {m:16s} child peak {y['child_peak_rss_mib']:8.0f} MiB")
     if results["agreement"]:
-        print("\nfuse_evo vs mergekit on the same genes (||a-b|| / ||merge delta||):")
+        print("\nfuse_evo vs mergekit on the same genes (||a-b|| / ||merge - base||):")
         for m, a in results["agreement"].items():
             print(f"  {m:22s} {a['rel_l2_vs_merge_delta']:.2e}  (max |diff| {a['max_abs_diff']:.2e})")
     for peer, why in results["skipped"].items():

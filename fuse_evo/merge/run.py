@@ -34,6 +34,15 @@ def read_merge_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def _local(ref: Any, here: Path) -> str:
+    """A folder given relative to the working directory or to the merge file, made absolute (so
+    the exported recipe.yaml works from anywhere); anything else (a hub id) as is."""
+    for candidate in (Path(str(ref)).expanduser(), here / str(ref)):
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    return str(ref)
+
+
 def merge_file(
     config: Path,
     out: Path,
@@ -51,7 +60,7 @@ def merge_file(
         recipe = mergekit_yaml.to_recipe(mk, pool)
     elif "recipe" in data and "sources" in data:
         recipe = Recipe.from_dict(data["recipe"])
-        sources = {k: str(v) for k, v in data["sources"].items()}
+        sources = {k: _local(v, here) for k, v in data["sources"].items()}
         missing = [m for m in (recipe.base, *recipe.models) if m not in sources]
         if missing:
             raise FuseEvoError(f"merge config {config}: sources has no path for {missing}")
