@@ -24,54 +24,43 @@ def _write_jsonl(path: Path, examples: list[Example]) -> None:
             f.write(json.dumps({"id": i, "prompt": ex.prompt, "answer": ex.answer}) + "\n")
 
 
-def _loglikelihood_yaml(name: str, data: Path) -> str:
-    # The prompt ends with the space before the answer and the delimiter is empty: lm-eval
-    # moves a context's trailing whitespace into the continuation, so it scores " " + answer,
-    # exactly what the models were trained on (lm-eval 0.4.10+ no longer adds
-    # target_delimiter to loglikelihood continuations).
+def _task_yaml(name: str, data: Path, output_type: str, metric: str, extra: str = "") -> str:
+    # The prompt ends with the space before the answer and the delimiter is empty. lm-eval
+    # moves a context's trailing whitespace into a loglikelihood continuation, so it scores
+    # " " + answer, exactly what the models were trained on (lm-eval 0.4.10+ no longer adds
+    # target_delimiter to loglikelihood continuations); generation starts after that space.
     return f"""task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {json.dumps(str(data))}
 test_split: test
-output_type: loglikelihood
+output_type: {output_type}
 doc_to_text: "{{{{prompt}}}} "
 doc_to_target: "{{{{answer}}}}"
 target_delimiter: ""
-metric_list:
-  - metric: acc
+{extra}metric_list:
+  - metric: {metric}
     aggregation: mean
     higher_is_better: true
 metadata:
   version: 1.0
 """
+
+
+def _loglikelihood_yaml(name: str, data: Path) -> str:
+    return _task_yaml(name, data, "loglikelihood", "acc")
 
 
 def _generate_yaml(name: str, data: Path, max_answer_chars: int) -> str:
-    # The prompt ends with the delimiter space, so the model generates the bare answer and
-    # stops at EOS (lm-eval adds the tokenizer's EOS to the stop sequences).
-    return f"""task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {json.dumps(str(data))}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}} "
-doc_to_target: "{{{{answer}}}}"
-target_delimiter: ""
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: {max_answer_chars + 2}
-  do_sample: false
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
+    # greedy decoding that stops at EOS (lm-eval adds the tokenizer's EOS to the stop list)
+    extra = (
+        "generation_kwargs:\n"
+        '  until: ["\\n"]\n'
+        f"  max_gen_toks: {max_answer_chars + 2}\n"
+        "  do_sample: false\n"
+    )
+    return _task_yaml(name, data, "generate_until", "exact_match", extra)
 
 
 def write_tasks(
