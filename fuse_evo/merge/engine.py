@@ -50,7 +50,7 @@ class MergeEngine:
         table_resolution: int | None = None,
     ):
         self.pool = pool
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device is not None else _default_device(pool)
         self.table_resolution = table_resolution
         self.base = {k: t.to(self.device) for k, t in pool.base.tensors.items()}
         self.deltas: dict[str, dict[str, torch.Tensor]] = {
@@ -170,6 +170,17 @@ class MergeEngine:
         for name in self.base:
             targets[name].copy_(self.merge_tensor(recipe, name))
         return into
+
+
+def _default_device(pool: ModelPool, headroom: float = 0.8) -> torch.device:
+    """CUDA when present and the resident set (fp32 task vectors + base) fits in most of its
+    free memory; the CPU otherwise."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    numel = sum(t.numel() for t in pool.base.tensors.values())
+    resident = numel * (4 * len(pool.sources) + pool.base.tensors[pool.tensor_names[0]].element_size())
+    free, _ = torch.cuda.mem_get_info()
+    return torch.device("cuda") if resident < headroom * free else torch.device("cpu")
 
 
 def _where(group: TensorGroup) -> str:
