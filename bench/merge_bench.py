@@ -16,11 +16,12 @@ What it measures (one process, one set of models, the same genes for every peer)
     setup), then ``engine.materialize(recipe, into=live)`` per candidate. One warm-up
     candidate per method is timed separately (``first_call_s``: it includes one-time caches,
     e.g. the magnitude tables of ties) and not counted in the median.
-  - ``roofline``: one fused pass over the same resident bytes: per tensor
-    ``[1, 1+N] @ [base; delta_1..delta_N]`` (fp32, the dtype fuse_evo keeps its task vectors
-    in), written into the bf16 live model. Method-independent, so it runs once. The
-    ``torch.sum(stacked * w, 0)`` form is timed too (``roofline_sum`` in the JSON); the
-    faster of the two is the reference for the ratios.
+  - ``roofline``: one fused pass over the same stacked task vectors: per tensor
+    ``[1, 1+N] @ [base; delta_1..delta_N]`` into a reused buffer, copied into the bf16 live
+    model, with candidate genes as weights. Method-independent, so it runs once. Timed with the
+    stack in fp32 (the bytes fuse_evo keeps resident: ``roofline``, the reference of every
+    ratio) and in bf16 (the bytes mergekit reads: ``roofline_bf16``), each as ``torch.mm`` and
+    as ``torch.sum(stacked * w, 0)``; the faster form of each dtype is reported.
   - ``mergekit_api``: mergekit 0.1.5's resident in-memory entry point,
     ``mergekit.merge_methods.merge_state_dicts(models, method, parameters=..., base=...)``,
     on the bf16 state dicts already in memory (the very tensors the ModelPool loaded).
@@ -28,30 +29,40 @@ What it measures (one process, one set of models, the same genes for every peer)
     it returns a new dict of merged tensors (no copy into a live model is timed).
   - ``mergekit_yaml``: the ``mergekit-yaml`` CLI as a subprocess, one run per method
     (the last candidate's genes as ``filter:``-conditional parameters), wall time including process
-    start, loading and writing the merged folder; peak RSS of the child from ``wait4``.
+    start, loading and writing the merged folder; peak RSS of the child (``ru_maxrss`` of its
+    children, read by a small wrapper process so our own RSS is not inherited).
 
 * Output: a table (method x peer: median seconds, ratio to the roofline, fuse_evo vs the
-  mergekit API) on stdout, and a JSON (``--out``) with every raw timing, the config, versions,
-  agreement checks between fuse_evo and mergekit, and peak RSS per phase (sampled) and for the
-  whole process.
+  mergekit API) on stdout, and a JSON (``--out``) with every raw timing, the genes, config,
+  versions, load average, peak RSS per phase (sampled every 5 ms) and for the whole process,
+  and agreement checks: fuse_evo re-materializes (untimed) the candidate mergekit merged last
+  and reports ``||fuse - mergekit|| / ||mergekit - base||`` (not for dare_ties: different RNGs).
+
+Timings on a shared machine: with ``--threads 2`` on 2 cores, any other busy process makes
+torch's OpenMP regions wait for a descheduled thread (seen here: 10-60x slower for every peer
+alike); the JSON records the load average and the script warns. ``--threads 1`` is steadier.
 
 Running it
 ----------
-fuse_evo peers only (mergekit peers are skipped with a message when mergekit is missing)::
+Any venv with fuse_evo importable runs it; the mergekit peers need mergekit in the same venv
+and are skipped with a message when it does not import (``--peers fuse_evo,roofline`` skips
+them on purpose)::
 
-    /work/main/.venv/bin/python bench/merge_bench.py --hidden 256 --layers 2
+    /work/main/.venv/bin/python bench/merge_bench.py --hidden 256 --layers 2 --peers fuse_evo,roofline
 
-Full comparison: any venv with both fuse_evo and mergekit importable, e.g. the side venv
+Full comparison: a venv with both fuse_evo and mergekit, e.g. the side venv
 (``/tmp/mkvenv/bin/pip install --no-deps -e /work/main`` once)::
 
     /tmp/mkvenv/bin/python bench/merge_bench.py                       # ~134M, 10 candidates
     /tmp/mkvenv/bin/python bench/merge_bench.py --hidden 256 --layers 2 --intermediate 688 \
-        --vocab 4096                                                  # quick smoke run
-    /tmp/mkvenv/bin/python bench/merge_bench.py --mergekit-candidates 3   # cap slow mergekit ties
+        --vocab 4096 --candidates 3                                   # smoke run, < 1 min
+    # what produced bench/results/merge_bench.json (~10 min on 2 cores, peak RSS ~8 GiB):
+    /tmp/mkvenv/bin/python bench/merge_bench.py --candidates 10 --mergekit-candidates 3 \
+        --mergekit-warmup 0 --workdir /tmp/mb_full --profile
 
 ``mergekit-yaml`` is looked up next to the interpreter, then on PATH (``--mergekit-yaml`` to
-override). ``--profile`` adds a cProfile of fuse_evo's materialize per method (top functions
-in the JSON and on stderr).
+override). ``--profile`` profiles one extra fuse_evo materialize per method with cProfile
+(Python functions) and torch.profiler (ATen ops); both tables go to the JSON and stderr.
 """
 
 from __future__ import annotations
@@ -215,7 +226,8 @@ def draw_genes(method: str, layers: int, experts: list[str], rng: random.Random)
 
 def candidate_genes(args: argparse.Namespace, method: str, experts: list[str]) -> list[dict]:
     rng = random.Random(f"{args.seed}:{method}")
-    return [draw_genes(method, args.layers, experts, rng) for _ in range(args.warmup + args.candidates)]
+    n = max(args.warmup + args.candidates, args.mergekit_warmup + args.mergekit_candidates)
+    return [draw_genes(method, args.layers, experts, rng) for _ in range(n)]
 
 
 def method_models(method: str, experts: list[str]) -> list[str]:
@@ -385,7 +397,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--candidates", type=int, default=10)
     p.add_argument("--mergekit-candidates", type=int, default=None,
                    help="candidates for the mergekit API peer (default --candidates; its ties is slow)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed-in-median warm-up candidates per method")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up candidates per method, timed apart from the median")
+    p.add_argument("--mergekit-warmup", type=int, default=None, help="warm-up candidates for the mergekit API (default --warmup)")
     p.add_argument("--methods", default=",".join(ALL_METHODS))
     p.add_argument("--peers", default=",".join(ALL_PEERS))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "merge_bench.json"))
@@ -407,6 +420,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--peers: unknown {x!r} (known: {', '.join(ALL_PEERS)})")
     if args.mergekit_candidates is None:
         args.mergekit_candidates = args.candidates
+    if args.mergekit_warmup is None:
+        args.mergekit_warmup = args.warmup
     return args
 
 
@@ -496,7 +511,13 @@ def main(argv: list[str] | None = None) -> int:
         genes = {m: candidate_genes(args, m, experts) for m in args.methods}
         results["genes"] = genes
         timings = results["timings"]
-        fuse_last: dict[str, dict[str, torch.Tensor]] = {}
+
+        def fuse_reference(m: str, index: int) -> dict[str, torch.Tensor] | None:
+            """fuse_evo's merge of candidate ``index`` (untimed), to check mergekit got the same genes."""
+            if "fuse_evo" not in args.peers or m == "dare_ties":  # DARE: different RNGs by design
+                return None
+            engine.materialize(fuse_recipe(m, genes[m][index], experts, seed=index), into=live)
+            return {k: v.detach().clone() for k, v in targets.items()}
 
         # ------------------------------------------------------------------ fuse_evo
         if "fuse_evo" in args.peers:
@@ -506,7 +527,6 @@ def main(argv: list[str] | None = None) -> int:
                     warm, timed = time_calls(lambda i: engine.materialize(recipes[i], into=live),
                                              args.warmup, args.candidates)
                 timings.setdefault(m, {})["fuse_evo"] = {"first_call_s": warm, "samples_s": timed}
-                fuse_last[m] = {k: v.detach().clone() for k, v in targets.items()}
                 print(f"[fuse_evo] {m}: median {median(timed):.4f}s "
                       f"(first {warm[0] if warm else float('nan'):.3f}s)", flush=True)
                 if args.profile:
@@ -564,12 +584,12 @@ def main(argv: list[str] | None = None) -> int:
                                                 out_dtype=torch.bfloat16)
 
                 with mon.phase(f"mergekit_api:{m}"):
-                    warm, timed = time_calls(call, args.warmup, args.mergekit_candidates)
+                    warm, timed = time_calls(call, args.mergekit_warmup, args.mergekit_candidates)
                 timings.setdefault(m, {})["mergekit_api"] = {"first_call_s": warm, "samples_s": timed}
                 print(f"[mergekit_api] {m}: median {median(timed):.4f}s", flush=True)
-                if m in fuse_last and m != "dare_ties" and len(genes[m]) == args.warmup + args.mergekit_candidates:
-                    # same genes, same candidate (the last): fuse_evo (fp32 math) vs mergekit (bf16 math)
-                    results["agreement"][m] = agreement(fuse_last[m], out, pool.base.tensors)
+                ref = fuse_reference(m, args.mergekit_warmup + args.mergekit_candidates - 1)
+                if ref is not None:  # same genes: fuse_evo (fp32 math) vs mergekit (bf16 math)
+                    results["agreement"][m] = agreement(ref, out, pool.base.tensors)
                 out = None
 
         # ------------------------------------------------------------------ mergekit-yaml
@@ -596,14 +616,15 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[mergekit_yaml] {m}: FAILED rc={rc}\n{entry['log_tail']}", flush=True)
                 else:
                     print(f"[mergekit_yaml] {m}: {dt:.2f}s (peak RSS {child_rss / 2**20:.0f} MiB)", flush=True)
-                    if m in fuse_last and m != "dare_ties":
+                    ref = fuse_reference(m, len(genes[m]) - 1)
+                    if ref is not None:
                         from safetensors.torch import load_file
 
                         merged = {}
                         for f in sorted(out_dir.glob("*.safetensors")):
                             merged.update(load_file(str(f)))
-                        if set(merged) >= set(fuse_last[m]):
-                            results["agreement"][f"{m}:yaml"] = agreement(fuse_last[m], merged, pool.base.tensors)
+                        if set(merged) >= set(ref):
+                            results["agreement"][f"{m}:yaml"] = agreement(ref, merged, pool.base.tensors)
                 timings.setdefault(m, {})["mergekit_yaml"] = entry
                 shutil.rmtree(out_dir, ignore_errors=True)
     finally:
@@ -613,10 +634,13 @@ def main(argv: list[str] | None = None) -> int:
 
     results["host"]["loadavg_end"] = os.getloadavg()
     if max(results["host"]["loadavg_start"][0], results["host"]["loadavg_end"][0]) > args.threads + 0.5:
-        print(f"[warn] other work is running (load {results['host']['loadavg_start'][0]:.1f} at start, "
-              f"{results['host']['loadavg_end'][0]:.1f} at end): timings with {args.threads} threads "
-              "on a busy machine are inflated (OpenMP threads wait for descheduled peers); "
-              "--threads 1 is more stable there", flush=True)
+        warn = (f"other work may be running (1-min load {results['host']['loadavg_start'][0]:.1f} at start, "
+                f"{results['host']['loadavg_end'][0]:.1f} at end, this run included): timings may be "
+                "inflated" + ("; with more torch threads than free cores OpenMP regions wait for "
+                              "descheduled threads (seen: 10-60x), --threads 1 is steadier there"
+                              if args.threads > 1 else ""))
+        results["host"]["busy_warning"] = warn
+        print(f"[warn] {warn}", flush=True)
     results["memory"] = {"phases": mon.phases, "process_peak_rss_mib": _maxrss_bytes() / 2**20}
     summary = summarize(results, args)
     results["summary"] = summary

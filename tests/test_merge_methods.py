@@ -16,7 +16,7 @@ from fuse_evo.merge.methods import (
     della,
     della_linear,
     linear,
-    linear_deltas,
+    combine_task_vectors,
     magnitude_threshold,
     model_stock,
     row_rank_norm,
@@ -342,11 +342,17 @@ def test_resident_task_vectors_give_the_same_merge(name):
     assert torch.equal(fn(b16, s16, [0.3, 0.7], **kw), fn(b16, deltas, [0.3, 0.7], deltas_given=True, **kw))
 
 
-def test_linear_deltas_matches_linear():
-    deltas = [s - _B for s in _S]
+def test_combine_task_vectors_is_linear_and_task_arithmetic_in_one_pass():
+    stacked = torch.stack([s - _B for s in _S])
+    w = torch.tensor([0.3, 0.9])
     for normalize in (True, False):
         expected = linear(_S, [0.3, 0.9], normalize=normalize)
-        assert torch.allclose(linear_deltas(_B, deltas, [0.3, 0.9], normalize=normalize), expected, atol=1e-6)
+        coeff, beta = (w / w.sum(), 1.0) if normalize else (w, float(w.sum()))
+        assert torch.allclose(combine_task_vectors(_B, stacked, coeff, beta), expected, atol=1e-6)
+    ta = task_arithmetic(_B, _S, [0.3, 0.9], lambda_=0.5)
+    assert torch.allclose(combine_task_vectors(_B, stacked, 0.5 * w), ta, atol=1e-6)
+    with pytest.raises(ValueError, match="do not agree"):
+        combine_task_vectors(_B, stacked, torch.ones(3))
 
 
 def test_invalid_inputs_raise_clear_value_errors():

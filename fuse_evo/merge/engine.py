@@ -53,12 +53,20 @@ class MergeEngine:
         self.device = torch.device(device) if device is not None else _default_device(pool)
         self.table_resolution = table_resolution
         self.base = {k: t.to(self.device) for k, t in pool.base.tensors.items()}
+        # fp32 base and task vectors stacked per tensor ([N, *shape]); the per-model dicts are
+        # views of the stacks, so linear methods run as one pass (combine_task_vectors)
+        self.base32 = {k: t.float() for k, t in self.base.items()}
+        self.order = {name: i for i, name in enumerate(pool.sources)}
+        self.stacked = {
+            k: torch.stack([ops.task_vector(b, src.tensors[k].to(self.device)) for src in pool.sources.values()])
+            for k, b in self.base32.items()
+        }
         self.deltas: dict[str, dict[str, torch.Tensor]] = {
-            name: {k: ops.task_vector(self.base[k], t.to(self.device)) for k, t in src.tensors.items()}
-            for name, src in pool.sources.items()
+            name: {k: stack[i] for k, stack in self.stacked.items()} for name, i in self.order.items()
         }
         self._tables: dict[tuple[str, str], ops.MagnitudeTable] = {}
         self._rank_norms: dict[tuple[str, str], torch.Tensor] = {}
+        self._cosines: dict[tuple[str, str], float] = {}
 
     # ------------------------------------------------------------------ checks
     def check(self, recipe: Recipe) -> None:
@@ -114,6 +122,12 @@ class MergeEngine:
             self._tables[key] = ops.MagnitudeTable(self.deltas[model][tensor], self.table_resolution)
         return self._tables[key]
 
+    def _cosine(self, model: str, tensor: str) -> float:
+        key = (model, tensor)
+        if key not in self._cosines:
+            self._cosines[key] = ops.slerp_cosine(self.base32[tensor], self.base32[tensor] + self.deltas[model][tensor])
+        return self._cosines[key]
+
     def _rank_norm(self, model: str, tensor: str) -> torch.Tensor:
         key = (model, tensor)
         if key not in self._rank_norms:
@@ -122,7 +136,8 @@ class MergeEngine:
 
     @torch.no_grad()
     def merge_tensor(self, recipe: Recipe, name: str) -> torch.Tensor:
-        """The merged value of one tensor, in the base's dtype (fp32 accumulation)."""
+        """The merged value of one tensor (fp32 accumulation; fp32 or the base's dtype out,
+        ``materialize`` casts to the live model's dtype as it copies)."""
         group = self.pool.groups[name]
         base = self.base[name]
         models = recipe.models
@@ -130,22 +145,23 @@ class MergeEngine:
         g = recipe.parameters
         method = recipe.method
         if method == "slerp":
-            other = base.float() + deltas[0]
-            return ops.slerp([base, other], self._slerp_t(recipe, group, name)).to(base.dtype)
+            # s0 base + s1 (base + d) = (s0 + s1) base + s1 d: one pass, angle cached per tensor
+            s0, s1 = ops.slerp_weights(self._cosine(models[0], name), self._slerp_t(recipe, group, name))
+            coefficients = torch.zeros(len(self.order), dtype=torch.float32, device=self.device)
+            coefficients[self.order[models[0]]] = s1
+            return ops.combine_task_vectors(self.base32[name], self.stacked[name], coefficients, s0 + s1)
         if method == "model_stock":
             return ops.model_stock(base, [base.float() + d for d in deltas],
                                    filter_wise=bool(g.get("filter_wise", False)))
         per = [self._per_model(recipe, group, m, name) for m in models]
         weights = [p["weight"] for p in per]
-        if method == "linear":
-            return ops.linear_deltas(base, deltas, weights, normalize=bool(g.get("normalize", True)))
+        if method in ("linear", "task_arithmetic"):
+            return self._linear_family(recipe, name, weights)
         kw: dict[str, Any] = {"deltas_given": True}
         for key, arg in (("normalize", "normalize"), ("lambda", "lambda_"), ("rescale", "rescale"),
                          ("consensus", "consensus")):
             if key in g:
                 kw[arg] = g[key]
-        if method == "task_arithmetic":
-            return ops.task_arithmetic(base, deltas, weights, **kw)
         kw["densities"] = [p["density"] for p in per]
         if method in _MAGNITUDE:
             kw["tables"] = [self._table(m, name) for m in models]
@@ -158,6 +174,23 @@ class MergeEngine:
             kw["rank_norms"] = [self._rank_norm(m, name) for m in models]
         fn: Callable[..., torch.Tensor] = getattr(ops, method)
         return fn(base, deltas, weights, **kw)
+
+    def _linear_family(self, recipe: Recipe, name: str, weights: list[float]) -> torch.Tensor:
+        """linear and task_arithmetic as one matrix product over the stacked task vectors:
+        linear = (normalize ? 1 : sum w) base + sum w_i d_i (/ sum w); task arithmetic =
+        base + lambda sum w_i d_i (/ sum w if normalize). fp32 out."""
+        g = recipe.parameters
+        total = float(sum(weights))
+        linear = recipe.method == "linear"
+        normalize = bool(g.get("normalize", linear))
+        if normalize and total == 0:
+            raise RecipeError(f"recipe: weights sum to zero in tensor {name!r}, cannot normalize")
+        scale = (1.0 / total if normalize else 1.0) * (1.0 if linear else float(g.get("lambda", 1.0)))
+        coefficients = torch.zeros(len(self.order), dtype=torch.float32, device=self.device)
+        for model, w in zip(recipe.models, weights):
+            coefficients[self.order[model]] += w * scale
+        base_scale = total if linear and not normalize else 1.0
+        return ops.combine_task_vectors(self.base32[name], self.stacked[name], coefficients, base_scale)
 
     @torch.no_grad()
     def materialize(self, recipe: Recipe, into: torch.nn.Module) -> torch.nn.Module:
@@ -178,7 +211,8 @@ def _default_device(pool: ModelPool, headroom: float = 0.8) -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
     numel = sum(t.numel() for t in pool.base.tensors.values())
-    resident = numel * (4 * len(pool.sources) + pool.base.tensors[pool.tensor_names[0]].element_size())
+    # fp32 task vectors + fp32 base + the base in its own dtype
+    resident = numel * (4 * len(pool.sources) + 4 + pool.base.tensors[pool.tensor_names[0]].element_size())
     free, _ = torch.cuda.mem_get_info()
     return torch.device("cuda") if resident < headroom * free else torch.device("cpu")
 

@@ -289,21 +289,20 @@ def linear(
     return acc.to(tensors[0].dtype)
 
 
-def linear_deltas(
-    base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True
+def combine_task_vectors(
+    base32: torch.Tensor, stacked: torch.Tensor, coefficients: torch.Tensor, base_scale: float = 1.0
 ) -> torch.Tensor:
-    """``linear`` of the weights base + delta_i, from resident task vectors (base dtype out)."""
-    _check(deltas, weights, "linear_deltas")
-    _check_shapes(base, deltas, "linear_deltas")
-    total = float(sum(weights))
-    if normalize and total == 0:
-        raise ValueError("linear_deltas: weights sum to zero, cannot normalize")
-    acc = torch.zeros_like(base, dtype=torch.float32)
-    for d, w in zip(deltas, weights):
-        acc.add_(d.float(), alpha=float(w))
-    if normalize:
-        return (base.float() + acc / total).to(base.dtype)
-    return (total * base.float() + acc).to(base.dtype)  # sum w (base + d) = (sum w) base + sum w d
+    """``base_scale * base + sum_i c_i delta_i`` in one pass over the stacked fp32 task vectors
+    (``stacked``: [N, *shape], ``coefficients``: [N]); one matrix product, the memory roofline of
+    every linear method (task_arithmetic and linear reduce to it). Returns fp32."""
+    if stacked.shape[1:] != base32.shape or coefficients.shape != (stacked.shape[0],):
+        raise ValueError(
+            f"combine_task_vectors: base {tuple(base32.shape)}, stack {tuple(stacked.shape)}, "
+            f"coefficients {tuple(coefficients.shape)} do not agree"
+        )
+    out = torch.addmm(base32.reshape(1, -1), coefficients.view(1, -1), stacked.reshape(stacked.shape[0], -1),
+                      beta=base_scale)
+    return out.view(base32.shape)
 
 
 def _gta(
@@ -549,6 +548,23 @@ def della_linear(
 # ----------------------------------------------------------------------------- geometric
 
 
+def slerp_cosine(v0: torch.Tensor, v1: torch.Tensor, eps: float = 1e-8) -> float:
+    """cos of the angle between two whole flattened tensors (each normalized only if its norm
+    exceeds eps, as mergekit), clamped to [-1, 1]. It does not depend on t: cache it."""
+    a, b = v0.float(), v1.float()
+    n0, n1 = float(a.norm()), float(b.norm())
+    dot = float((a * b).sum()) / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
+    return min(1.0, max(-1.0, dot))
+
+
+def slerp_weights(cosine: float, t: float, dot_threshold: float = 0.9995) -> tuple[float, float]:
+    """(s0, s1) with slerp = s0 * v0 + s1 * v1; nearly colinear tensors fall back to lerp."""
+    if abs(cosine) > dot_threshold:
+        return 1.0 - t, t
+    theta = math.acos(cosine)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
 def slerp(
     tensors: Sequence[torch.Tensor], t: float, *, dot_threshold: float = 0.9995, eps: float = 1e-8
 ) -> torch.Tensor:
@@ -562,19 +578,8 @@ def slerp(
     if len(tensors) != 2:
         raise ValueError(f"slerp: needs exactly 2 tensors, got {len(tensors)}")
     _check_shapes(tensors[0], tensors, "slerp")
-    v0, v1 = tensors[0].float(), tensors[1].float()
-    n0, n1 = v0.norm(), v1.norm()
-    u0 = v0 / n0 if n0 > eps else v0
-    u1 = v1 / n1 if n1 > eps else v1
-    dot = min(1.0, max(-1.0, float((u0 * u1).sum())))
-    if abs(dot) > dot_threshold:
-        out = (1 - t) * v0 + t * v1
-    else:
-        theta = math.acos(dot)
-        s0 = math.sin((1 - t) * theta) / math.sin(theta)
-        s1 = math.sin(t * theta) / math.sin(theta)
-        out = s0 * v0 + s1 * v1
-    return out.to(tensors[0].dtype)
+    s0, s1 = slerp_weights(slerp_cosine(tensors[0], tensors[1], eps), t, dot_threshold)
+    return (s0 * tensors[0].float() + s1 * tensors[1].float()).to(tensors[0].dtype)
 
 
 def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_wise: bool = False) -> torch.Tensor:
@@ -619,11 +624,13 @@ __all__ = [
     "della",
     "della_linear",
     "linear",
-    "linear_deltas",
+    "combine_task_vectors",
     "magnitude_threshold",
     "model_stock",
     "row_rank_norm",
     "slerp",
+    "slerp_cosine",
+    "slerp_weights",
     "sparsify_della",
     "sparsify_magnitude",
     "sparsify_outliers",
