@@ -10,6 +10,7 @@ the model: one tensor at a time is merged and copied into the live model's param
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -157,6 +158,8 @@ class MergeEngine:
         weights = [p["weight"] for p in per]
         if method in ("linear", "task_arithmetic"):
             return self._linear_family(recipe, name, weights)
+        if method == "ties" and not g.get("rescale", False) and g.get("consensus", "sum") == "sum":
+            return self._ties(recipe, name, weights, [p["density"] for p in per])
         kw: dict[str, Any] = {"deltas_given": True}
         for key, arg in (("normalize", "normalize"), ("lambda", "lambda_"), ("rescale", "rescale"),
                          ("consensus", "consensus")):
@@ -192,6 +195,19 @@ class MergeEngine:
         base_scale = total if linear and not normalize else 1.0
         return ops.combine_task_vectors(self.base32[name], self.stacked[name], coefficients, base_scale)
 
+    def _ties(self, recipe: Recipe, name: str, weights: list[float], densities: list[float]) -> torch.Tensor:
+        """TIES over the stacked task vectors with table thresholds, through the fused kernel."""
+        n = len(self.order)
+        w = torch.zeros(n, dtype=torch.float32, device=self.device)
+        thr = torch.zeros(n, dtype=torch.float32, device=self.device)
+        for model, weight, density in zip(recipe.models, weights, densities):
+            ops._check_density(density, f"ties (model {model!r}, tensor {name!r})")
+            w[self.order[model]] = weight
+            thr[self.order[model]] = self._table(model, name).threshold(density)
+        g = recipe.parameters
+        return _fused(ops.ties_stacked)(self.base32[name], self.stacked[name], w, thr,
+                                        float(g.get("lambda", 1.0)), bool(g.get("normalize", True)))
+
     @torch.no_grad()
     def materialize(self, recipe: Recipe, into: torch.nn.Module) -> torch.nn.Module:
         """Write the recipe's merge into ``into`` (a model of the base's architecture) in place."""
@@ -203,6 +219,28 @@ class MergeEngine:
         for name in self.base:
             targets[name].copy_(self.merge_tensor(recipe, name))
         return into
+
+
+_FUSED: dict[Callable, Callable] = {}
+
+
+def _fused(fn: Callable) -> Callable:
+    """``fn`` compiled once per process (torch.compile, dynamic shapes) so its elementwise ops
+    run as one fused pass; if compiling fails (no C++ compiler, an unsupported backend) the
+    eager function is used, with one warning, and results are the same."""
+    if fn not in _FUSED:
+        compiled = torch.compile(fn, dynamic=True)
+
+        def run(*args: Any) -> torch.Tensor:
+            try:
+                return compiled(*args)
+            except Exception as e:  # compilation is an optimization, never a failure
+                warnings.warn(f"torch.compile of {fn.__name__} failed ({type(e).__name__}: {e}); running eager")
+                _FUSED[fn] = fn
+                return fn(*args)
+
+        _FUSED[fn] = run
+    return _FUSED[fn]
 
 
 def _default_device(pool: ModelPool, headroom: float = 0.8) -> torch.device:

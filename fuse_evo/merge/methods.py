@@ -305,6 +305,29 @@ def combine_task_vectors(
     return out.view(base32.shape)
 
 
+def ties_stacked(
+    base32: torch.Tensor,
+    stacked: torch.Tensor,
+    weights: torch.Tensor,
+    thresholds: torch.Tensor,
+    lambda_: float = 1.0,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """``ties`` (magnitude trim, sum sign election, disjoint mean; no rescale) over stacked fp32
+    task vectors, written as a handful of elementwise ops so a compiler can fuse them into one
+    pass. ``weights`` and ``thresholds`` are [N]; a zero weight removes a source. fp32 out."""
+    view = (-1,) + (1,) * base32.dim()
+    w = weights.view(view)
+    kept = torch.where(stacked.abs() >= thresholds.view(view), stacked * w, 0.0)
+    elected = torch.where(kept.sum(0) >= 0, 1.0, -1.0)
+    agree = torch.sign(kept) == elected
+    merged = torch.where(agree, kept, 0.0).sum(0)
+    if normalize:
+        divisor = torch.where(agree, w, 0.0).sum(0)
+        merged = merged / torch.where(divisor == 0, 1.0, divisor)
+    return base32 + lambda_ * merged
+
+
 def _gta(
     base: torch.Tensor,
     tensors: Sequence[torch.Tensor],
@@ -625,6 +648,7 @@ __all__ = [
     "della_linear",
     "linear",
     "combine_task_vectors",
+    "ties_stacked",
     "magnitude_threshold",
     "model_stock",
     "row_rank_norm",
