@@ -48,17 +48,17 @@ Any venv with fuse_evo importable runs it; the mergekit peers need mergekit in t
 and are skipped with a message when it does not import (``--peers fuse_evo,roofline`` skips
 them on purpose)::
 
-    /work/main/.venv/bin/python bench/merge_bench.py --hidden 256 --layers 2 --peers fuse_evo,roofline
+    python bench/merge_bench.py --hidden 256 --layers 2 --peers fuse_evo,roofline
 
-Full comparison: a venv with both fuse_evo and mergekit, e.g. the side venv
-(``/tmp/mkvenv/bin/pip install --no-deps -e /work/main`` once)::
+Full comparison: the project's test environment has both fuse_evo and mergekit
+(``pip install -e ".[test]"``)::
 
-    /tmp/mkvenv/bin/python bench/merge_bench.py                       # ~134M, 10 candidates
-    /tmp/mkvenv/bin/python bench/merge_bench.py --hidden 256 --layers 2 --intermediate 688 \
+    python bench/merge_bench.py                                       # ~134M, 10 candidates
+    python bench/merge_bench.py --hidden 256 --layers 2 --intermediate 688 \
         --vocab 4096 --candidates 3                                   # smoke run, < 1 min
     # what produced bench/results/merge_bench.json (~10 min on 2 cores, peak RSS ~8 GiB):
-    /tmp/mkvenv/bin/python bench/merge_bench.py --candidates 10 --mergekit-candidates 3 \
-        --mergekit-warmup 0 --workdir /tmp/mb_full --profile
+    python bench/merge_bench.py --candidates 10 --mergekit-candidates 3 \
+        --mergekit-warmup 0 --workdir /tmp/mb_full
 
 ``mergekit-yaml`` is looked up next to the interpreter, then on PATH (``--mergekit-yaml`` to
 override). ``--profile`` profiles one extra fuse_evo materialize per method with cProfile
