@@ -100,6 +100,8 @@ class Recipe:
             raise RecipeError(f"recipe.method: unknown merge method {self.method!r}; known: {', '.join(METHODS)}")
         if not self.models:
             raise RecipeError("recipe.models: name at least one source model")
+        if len(set(self.models)) != len(self.models):
+            raise RecipeError(f"recipe.models: each model once, got {list(self.models)}")
         if self.base in self.models:
             raise RecipeError(f"recipe.models: {self.base!r} is the base, not a source")
         for key, per_model in self.groups.items():

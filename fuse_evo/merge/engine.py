@@ -68,6 +68,7 @@ class MergeEngine:
         self._tables: dict[tuple[str, str], ops.MagnitudeTable] = {}
         self._rank_norms: dict[tuple[str, str], torch.Tensor] = {}
         self._cosines: dict[tuple[str, str], float] = {}
+        self._checked: set[str] = set()
 
     # ------------------------------------------------------------------ checks
     def check(self, recipe: Recipe) -> None:
@@ -148,8 +149,7 @@ class MergeEngine:
         if method == "slerp":
             # s0 base + s1 (base + d) = (s0 + s1) base + s1 d: one pass, angle cached per tensor
             s0, s1 = ops.slerp_weights(self._cosine(models[0], name), self._slerp_t(recipe, group, name))
-            coefficients = torch.zeros(len(self.order), dtype=torch.float32, device=self.device)
-            coefficients[self.order[models[0]]] = s1
+            coefficients = self._per_source({models[0]: s1})
             return ops.combine_task_vectors(self.base32[name], self.stacked[name], coefficients, s0 + s1)
         if method == "model_stock":
             return ops.model_stock(base, [base.float() + d for d in deltas],
@@ -178,6 +178,13 @@ class MergeEngine:
         fn: Callable[..., torch.Tensor] = getattr(ops, method)
         return fn(base, deltas, weights, **kw)
 
+    def _per_source(self, values: dict[str, float]) -> torch.Tensor:
+        """A [N] vector over the pool's stacked sources; sources the recipe leaves out get 0."""
+        vector = [0.0] * len(self.order)
+        for model, value in values.items():
+            vector[self.order[model]] = value
+        return torch.tensor(vector, dtype=torch.float32, device=self.device)
+
     def _linear_family(self, recipe: Recipe, name: str, weights: list[float]) -> torch.Tensor:
         """linear and task_arithmetic as one matrix product over the stacked task vectors:
         linear = (normalize ? 1 : sum w) base + sum w_i d_i (/ sum w); task arithmetic =
@@ -189,21 +196,16 @@ class MergeEngine:
         if normalize and total == 0:
             raise RecipeError(f"recipe: weights sum to zero in tensor {name!r}, cannot normalize")
         scale = (1.0 / total if normalize else 1.0) * (1.0 if linear else float(g.get("lambda", 1.0)))
-        coefficients = torch.zeros(len(self.order), dtype=torch.float32, device=self.device)
-        for model, w in zip(recipe.models, weights):
-            coefficients[self.order[model]] += w * scale
+        coefficients = self._per_source({m: w * scale for m, w in zip(recipe.models, weights)})
         base_scale = total if linear and not normalize else 1.0
         return ops.combine_task_vectors(self.base32[name], self.stacked[name], coefficients, base_scale)
 
     def _ties(self, recipe: Recipe, name: str, weights: list[float], densities: list[float]) -> torch.Tensor:
         """TIES over the stacked task vectors with table thresholds, through the fused kernel."""
-        n = len(self.order)
-        w = torch.zeros(n, dtype=torch.float32, device=self.device)
-        thr = torch.zeros(n, dtype=torch.float32, device=self.device)
-        for model, weight, density in zip(recipe.models, weights, densities):
+        for model, density in zip(recipe.models, densities):
             ops._check_density(density, f"ties (model {model!r}, tensor {name!r})")
-            w[self.order[model]] = weight
-            thr[self.order[model]] = self._table(model, name).threshold(density)
+        w = self._per_source(dict(zip(recipe.models, weights)))
+        thr = self._per_source({m: float(self._table(m, name).threshold(d)) for m, d in zip(recipe.models, densities)})
         g = recipe.parameters
         return _fused(ops.ties_stacked)(self.base32[name], self.stacked[name], w, thr,
                                         float(g.get("lambda", 1.0)), bool(g.get("normalize", True)))
@@ -211,7 +213,9 @@ class MergeEngine:
     @torch.no_grad()
     def materialize(self, recipe: Recipe, into: torch.nn.Module) -> torch.nn.Module:
         """Write the recipe's merge into ``into`` (a model of the base's architecture) in place."""
-        self.check(recipe)
+        if recipe.key not in self._checked:  # the search re-materializes recipes: check once
+            self.check(recipe)
+            self._checked.add(recipe.key)
         targets = into.state_dict()
         missing = [k for k in self.base if k not in targets]
         if missing:
