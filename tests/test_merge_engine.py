@@ -53,18 +53,19 @@ def _reference(engine, recipe, name):
     d = [p.get("density") for p in per]
     seed = tensor_seed(recipe.seed, name)
     m = recipe.method
+    kw = {("lambda_" if k == "lambda" else k): v for k, v in recipe.parameters.items()}
     if m == "linear":
         return ops.linear(srcs, w)
     if m == "task_arithmetic":
         return ops.task_arithmetic(base, srcs, w)
     if m == "ties":
-        return ops.ties(base, srcs, w, d)
+        return ops.ties(base, srcs, w, d, **kw)
     if m in ("breadcrumbs", "breadcrumbs_ties"):
-        return getattr(ops, m)(base, srcs, w, d, [p["gamma"] for p in per])
+        return getattr(ops, m)(base, srcs, w, d, [p["gamma"] for p in per], **kw)
     if m in ("dare_ties", "dare_linear"):
-        return getattr(ops, m)(base, srcs, w, d, seed=seed)
+        return getattr(ops, m)(base, srcs, w, d, seed=seed, **kw)
     if m in ("della", "della_linear"):
-        return getattr(ops, m)(base, srcs, w, d, [p["epsilon"] for p in per], seed=seed)
+        return getattr(ops, m)(base, srcs, w, d, [p["epsilon"] for p in per], seed=seed, **kw)
     if m == "slerp":
         return ops.slerp([base, srcs[0]], recipe.parameters["t"])
     return ops.model_stock(base, srcs)
@@ -76,6 +77,11 @@ def _reference(engine, recipe, name):
         ("linear", {}), ("task_arithmetic", {}), ("ties", {}), ("breadcrumbs", {}),
         ("breadcrumbs_ties", {}), ("dare_ties", {}), ("dare_linear", {}), ("della", {}),
         ("della_linear", {}), ("slerp", {"t": 0.3}), ("model_stock", {}),
+        # every option the fused kernel branches on, against the eager operators
+        ("ties", {"rescale": True, "lambda": 0.8}), ("ties", {"consensus": "count", "normalize": False}),
+        ("breadcrumbs", {"rescale": "l2", "normalize": True}), ("breadcrumbs_ties", {"rescale": "keep_prob"}),
+        ("dare_ties", {"rescale": "linf", "consensus": "count"}), ("dare_linear", {"rescale": False}),
+        ("della", {"rescale": "keep_prob", "normalize": False}), ("della_linear", {"normalize": True}),
     ],
 )
 def test_engine_equals_the_operators(engine, method, params):
@@ -126,6 +132,15 @@ def test_uniform_task_arithmetic_reproduces_the_zoo_merge(engine, micro_zoo):
         (Recipe("slerp", ("ft_shift", "ft_reverse")), "exactly one model"),
         (Recipe("slerp", ("ft_shift",)), "slerp needs t"),
         (Recipe("model_stock", ("ft_shift",)), "at least two"),
+        # values a kernel would only reject halfway through the model: caught up front
+        (Recipe("ties", ("ft_shift",), groups={"*": {"*": {"weight": 1.0}}, "layers.1.mlp": {"*": {"weight": 1.0, "density": 1.5}}}),
+         r"density must be in \(0, 1\], got 1.5 \(model 'ft_shift', group layers.1.mlp\)"),
+        (Recipe("breadcrumbs", ("ft_shift",), groups={"*": {"*": {"weight": 1.0, "density": 0.5, "gamma": -0.1}}}), "gamma must be in"),
+        (Recipe("della", ("ft_shift",), groups={"*": {"*": {"weight": 1.0, "density": 0.9, "epsilon": 0.2}}}), "epsilon"),
+        (Recipe("dare_ties", ("ft_shift",), parameters={"rescale": "l3"}, groups={"*": {"*": {"weight": 1.0}}}), "rescale: 'l3'"),
+        (Recipe("ties", ("ft_shift",), parameters={"consensus": "vote"}, groups={"*": {"*": {"weight": 1.0}}}), "consensus: 'vote'"),
+        (Recipe("dare_linear", ("ft_shift", "ft_reverse"), parameters={"normalize": True},
+                groups={"*": {"ft_shift": {"weight": 1.0}, "ft_reverse": {"weight": -1.0}}}), "weights sum to zero in group"),
     ],
 )
 def test_bad_recipes_fail_before_the_model_is_touched(engine, recipe, message):

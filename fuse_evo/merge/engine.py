@@ -10,6 +10,8 @@ the model: one tensor at a time is merged and copied into the live model's param
 from __future__ import annotations
 
 import hashlib
+import inspect
+import math
 import warnings
 from typing import Any, Callable
 
@@ -25,7 +27,18 @@ from . import methods as ops
 
 _MAGNITUDE = {"ties", "breadcrumbs", "breadcrumbs_ties"}
 _RANKED = {"della", "della_linear"}
-_STOCHASTIC = {"dare_ties", "dare_linear", "della", "della_linear"}
+_GTA = _MAGNITUDE | _RANKED | {"dare_ties", "dare_linear"}  # sparsify, then combine: one fused kernel
+_RESCALE_KIND = {None: None, False: None, True: "l1", "l1": "l1", "l2": "l2", "linf": "linf", "keep_prob": "keep_prob"}
+
+
+def _method_defaults(method: str) -> dict[str, Any]:
+    """normalize / rescale / consensus / lambda as the operator ``method`` defaults them
+    (mergekit's per-method defaults live in one place: the operators' signatures)."""
+    params = inspect.signature(getattr(ops, method)).parameters
+    defaults = {k: params[k].default for k in ("normalize", "rescale") if k in params}
+    defaults["consensus"] = params["consensus"].default if "consensus" in params else None
+    defaults["lambda"] = params["lambda_"].default
+    return defaults
 
 
 def tensor_seed(recipe_seed: int, tensor: str) -> int:
@@ -54,19 +67,23 @@ class MergeEngine:
         self.device = torch.device(device) if device is not None else _default_device(pool)
         self.table_resolution = table_resolution
         self.base = {k: t.to(self.device) for k, t in pool.base.tensors.items()}
-        # fp32 base and task vectors stacked per tensor ([N, *shape]); the per-model dicts are
-        # views of the stacks, so linear methods run as one pass (combine_task_vectors)
-        self.base32 = {k: t.float() for k, t in self.base.items()}
+        # fp32 base and task vectors stacked per tensor, flat ([numel], [N, numel]: fresh
+        # tensors, so a compiled kernel sees one layout whatever the tensor's rank); the
+        # per-model dicts are shaped views of the stacks
+        self.shapes = {k: t.shape for k, t in self.base.items()}
+        self.base32 = {k: t.reshape(-1).to(torch.float32, copy=True) for k, t in self.base.items()}
         self.order = {name: i for i, name in enumerate(pool.sources)}
         self.stacked = {
-            k: torch.stack([ops.task_vector(b, src.tensors[k].to(self.device)) for src in pool.sources.values()])
+            k: torch.stack([ops.task_vector(b, src.tensors[k].to(self.device).reshape(-1)) for src in pool.sources.values()])
             for k, b in self.base32.items()
         }
         self.deltas: dict[str, dict[str, torch.Tensor]] = {
-            name: {k: stack[i] for k, stack in self.stacked.items()} for name, i in self.order.items()
+            name: {k: stack[i].view(self.shapes[k]) for k, stack in self.stacked.items()}
+            for name, i in self.order.items()
         }
         self._tables: dict[tuple[str, str], ops.MagnitudeTable] = {}
-        self._rank_norms: dict[tuple[str, str], torch.Tensor] = {}
+        self._rank_stack: dict[str, torch.Tensor] = {}
+        self._norms: dict[tuple[str, str], torch.Tensor] = {}
         self._cosines: dict[tuple[str, str], float] = {}
         self._checked: set[str] = set()
 
@@ -94,9 +111,21 @@ class MergeEngine:
             raise RecipeError(f"recipe.groups: no tensor {unknown[0]!r} in the base model")
         # every distinct group (and, with tensor: entries, every tensor) once, in tensor order
         seen = {(None if not exact else n, g): (n, g) for n, g in self.pool.groups.items()}
+        g = {**_method_defaults(recipe.method), **recipe.parameters} if recipe.method in _GTA else {}
+        if g and not _hashable_in(g["rescale"], _RESCALE_KIND):
+            raise RecipeError(f"recipe.parameters.rescale: {g['rescale']!r}, expected one of {list(_RESCALE_KIND)}")
+        if g and not _hashable_in(g["consensus"], (None, "sum", "count")):
+            raise RecipeError(f"recipe.parameters.consensus: {g['consensus']!r}, expected sum, count or null")
         for name, group in seen.values():
-            for model in recipe.models:
-                self._per_model(recipe, group, model, name)
+            per = {model: self._per_model(recipe, group, model, name) for model in recipe.models}
+            for model, params in per.items():
+                if "density" in params:
+                    try:
+                        ops.check_sparsity(recipe.method, params["density"], params.get("gamma"), params.get("epsilon"))
+                    except ValueError as e:
+                        raise RecipeError(f"recipe: {e} (model {model!r}, {_where(group)})") from None
+            if g and g["consensus"] is None and g["normalize"] and not sum(p["weight"] for p in per.values()):
+                raise RecipeError(f"recipe: weights sum to zero in {_where(group)}, cannot normalize")
             if recipe.method == "slerp":
                 self._slerp_t(recipe, group, name)
 
@@ -127,14 +156,8 @@ class MergeEngine:
     def _cosine(self, model: str, tensor: str) -> float:
         key = (model, tensor)
         if key not in self._cosines:
-            self._cosines[key] = ops.slerp_cosine(self.base32[tensor], self.base32[tensor] + self.deltas[model][tensor])
+            self._cosines[key] = ops.slerp_cosine(self.base32[tensor], self.base32[tensor] + self.stacked[tensor][self.order[model]])
         return self._cosines[key]
-
-    def _rank_norm(self, model: str, tensor: str) -> torch.Tensor:
-        key = (model, tensor)
-        if key not in self._rank_norms:
-            self._rank_norms[key] = ops.row_rank_norm(self.deltas[model][tensor])
-        return self._rank_norms[key]
 
     @torch.no_grad()
     def merge_tensor(self, recipe: Recipe, name: str) -> torch.Tensor:
@@ -143,47 +166,30 @@ class MergeEngine:
         group = self.pool.groups[name]
         base = self.base[name]
         models = recipe.models
-        deltas = [self.deltas[m][name] for m in models]
         g = recipe.parameters
         method = recipe.method
         if method == "slerp":
             # s0 base + s1 (base + d) = (s0 + s1) base + s1 d: one pass, angle cached per tensor
             s0, s1 = ops.slerp_weights(self._cosine(models[0], name), self._slerp_t(recipe, group, name))
             coefficients = self._per_source({models[0]: s1})
-            return ops.combine_task_vectors(self.base32[name], self.stacked[name], coefficients, s0 + s1)
+            merged = ops.combine_task_vectors(self.base32[name], self.stacked[name], coefficients, s0 + s1)
+            return merged.view(self.shapes[name])
         if method == "model_stock":
+            deltas = [self.deltas[m][name] for m in models]
             return ops.model_stock(base, [base.float() + d for d in deltas],
                                    filter_wise=bool(g.get("filter_wise", False)))
         per = [self._per_model(recipe, group, m, name) for m in models]
         weights = [p["weight"] for p in per]
         if method in ("linear", "task_arithmetic"):
             return self._linear_family(recipe, name, weights)
-        if method == "ties" and not g.get("rescale", False) and g.get("consensus", "sum") == "sum":
-            return self._ties(recipe, name, weights, [p["density"] for p in per])
-        kw: dict[str, Any] = {"deltas_given": True}
-        for key, arg in (("normalize", "normalize"), ("lambda", "lambda_"), ("rescale", "rescale"),
-                         ("consensus", "consensus")):
-            if key in g:
-                kw[arg] = g[key]
-        kw["densities"] = [p["density"] for p in per]
-        if method in _MAGNITUDE:
-            kw["tables"] = [self._table(m, name) for m in models]
-            if method != "ties":
-                kw["gamma"] = [p["gamma"] for p in per]
-        if method in _STOCHASTIC:
-            kw["seed"] = tensor_seed(recipe.seed, name)
-        if method in _RANKED:
-            kw["epsilon"] = [p["epsilon"] for p in per]
-            kw["rank_norms"] = [self._rank_norm(m, name) for m in models]
-        fn: Callable[..., torch.Tensor] = getattr(ops, method)
-        return fn(base, deltas, weights, **kw)
+        return self._gta(recipe, name, per)
 
-    def _per_source(self, values: dict[str, float]) -> torch.Tensor:
-        """A [N] vector over the pool's stacked sources; sources the recipe leaves out get 0."""
-        vector = [0.0] * len(self.order)
+    def _per_source(self, values: dict[str, float], fill: float = 0.0, dtype=torch.float32) -> torch.Tensor:
+        """A [N] vector over the pool's stacked sources; sources the recipe leaves out get ``fill``."""
+        vector = [fill] * len(self.order)
         for model, value in values.items():
             vector[self.order[model]] = value
-        return torch.tensor(vector, dtype=torch.float32, device=self.device)
+        return torch.tensor(vector, dtype=dtype, device=self.device)
 
     def _linear_family(self, recipe: Recipe, name: str, weights: list[float]) -> torch.Tensor:
         """linear and task_arithmetic as one matrix product over the stacked task vectors:
@@ -198,17 +204,63 @@ class MergeEngine:
         scale = (1.0 / total if normalize else 1.0) * (1.0 if linear else float(g.get("lambda", 1.0)))
         coefficients = self._per_source({m: w * scale for m, w in zip(recipe.models, weights)})
         base_scale = total if linear and not normalize else 1.0
-        return ops.combine_task_vectors(self.base32[name], self.stacked[name], coefficients, base_scale)
+        merged = ops.combine_task_vectors(self.base32[name], self.stacked[name], coefficients, base_scale)
+        return merged.view(self.shapes[name])
 
-    def _ties(self, recipe: Recipe, name: str, weights: list[float], densities: list[float]) -> torch.Tensor:
-        """TIES over the stacked task vectors with table thresholds, through the fused kernel."""
-        for model, density in zip(recipe.models, densities):
-            ops._check_density(density, f"ties (model {model!r}, tensor {name!r})")
-        w = self._per_source(dict(zip(recipe.models, weights)))
-        thr = self._per_source({m: float(self._table(m, name).threshold(d)) for m, d in zip(recipe.models, densities)})
-        g = recipe.parameters
-        return _fused(ops.ties_stacked)(self.base32[name], self.stacked[name], w, thr,
-                                        float(g.get("lambda", 1.0)), bool(g.get("normalize", True)))
+    def _gta(self, recipe: Recipe, name: str, per: list[dict[str, float]]) -> torch.Tensor:
+        """Every sparsify-then-combine method through one fused kernel (``ops.gta_stacked``):
+        thresholds from the magnitude tables, random masks drawn in the kernel from the same
+        streams the operators use, rescale norms cached per tensor. fp32 out."""
+        method, models = recipe.method, recipe.models
+        g = {**_method_defaults(method), **recipe.parameters}
+        rescale = _RESCALE_KIND[g["rescale"]]
+        vec = self._per_source
+        args: dict[str, Any] = {
+            "weights": vec({m: p["weight"] for m, p in zip(models, per)}),
+            "density": vec({m: p["density"] for m, p in zip(models, per)}, fill=1.0),
+            "rescale": rescale,
+            "consensus": g.get("consensus"),
+            "normalize": bool(g["normalize"]),
+            "lambda_": float(g["lambda"]),
+        }
+        if method in _MAGNITUDE:
+            low, high = {}, {}
+            for m, p in zip(models, per):
+                low[m], high[m] = self._magnitude_bounds(m, name, p["density"], p.get("gamma"))
+            args["low"], args["high"] = vec(low), vec(high, fill=math.inf)
+        else:  # random masks: source j of the recipe draws from stream (tensor seed, j), as the operators
+            seed = tensor_seed(recipe.seed, name)
+            args["keys"] = vec({m: ops.random_key(seed, j) for j, m in enumerate(models)}, dtype=torch.int32)
+            if method in _RANKED:
+                args["epsilon"] = vec({m: p["epsilon"] if p["density"] < 1 else 0.0 for m, p in zip(models, per)})
+                args["rank_norms"] = self._rank_norms(name)
+        if rescale in ("l1", "l2", "linf"):
+            args["norms"] = self._norm(name, rescale)
+        merged = _fused(ops.gta_stacked)(self.base32[name], self.stacked[name], **args)
+        return merged.view(self.shapes[name])
+
+    def _magnitude_bounds(self, model: str, name: str, density: float, gamma: float | None) -> tuple[float, float]:
+        """|delta| bounds a source keeps: TIES the top ``density`` (no upper bound), breadcrumbs
+        the ranks below the top ``gamma`` outliers; density 1 keeps everything."""
+        if density >= 1:
+            return 0.0, math.inf
+        table = self._table(model, name)
+        if gamma is None:
+            return float(table.threshold(density)), math.inf
+        first, last = ops.outlier_ranks(table.numel, density, gamma)
+        return float(table.at_rank(last)), float(table.at_rank(first))
+
+    def _norm(self, name: str, kind: str) -> torch.Tensor:
+        key = (name, kind)
+        if key not in self._norms:
+            self._norms[key] = ops.stacked_norm(self.stacked[name], kind)
+        return self._norms[key]
+
+    def _rank_norms(self, name: str) -> torch.Tensor:
+        """DELLA's per-row magnitude ranks of every source's task vector, stacked flat; built once."""
+        if name not in self._rank_stack:
+            self._rank_stack[name] = torch.stack([ops.row_rank_norm(self.deltas[m][name]).reshape(-1) for m in self.order])
+        return self._rank_stack[name]
 
     @torch.no_grad()
     def materialize(self, recipe: Recipe, into: torch.nn.Module) -> torch.nn.Module:
@@ -226,6 +278,7 @@ class MergeEngine:
 
 
 _FUSED: dict[Callable, Callable] = {}
+_VARIANTS = 64
 
 
 def _fused(fn: Callable) -> Callable:
@@ -235,13 +288,16 @@ def _fused(fn: Callable) -> Callable:
     if fn not in _FUSED:
         compiled = torch.compile(fn, dynamic=True)
 
-        def run(*args: Any) -> torch.Tensor:
+        def run(*args: Any, **kwargs: Any) -> torch.Tensor:
             try:
-                return compiled(*args)
+                # each option set (method, rescale, consensus...) is one more variant: past
+                # dynamo's default of 8 it would fall back to eager without a word
+                with torch._dynamo.config.patch(recompile_limit=_VARIANTS):
+                    return compiled(*args, **kwargs)
             except Exception as e:  # compilation is an optimization, never a failure
                 warnings.warn(f"torch.compile of {fn.__name__} failed ({type(e).__name__}: {e}); running eager")
                 _FUSED[fn] = fn
-                return fn(*args)
+                return fn(*args, **kwargs)
 
         _FUSED[fn] = run
     return _FUSED[fn]
@@ -257,6 +313,13 @@ def _default_device(pool: ModelPool, headroom: float = 0.8) -> torch.device:
     resident = numel * (4 * len(pool.sources) + 4 + pool.base.tensors[pool.tensor_names[0]].element_size())
     free, _ = torch.cuda.mem_get_info()
     return torch.device("cuda") if resident < headroom * free else torch.device("cpu")
+
+
+def _hashable_in(value: Any, allowed) -> bool:
+    try:
+        return value in allowed
+    except TypeError:  # a list or mapping where a scalar belongs
+        return False
 
 
 def _where(group: TensorGroup) -> str:

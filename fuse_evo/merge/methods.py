@@ -10,9 +10,12 @@ defaults) are the reference semantics. Deliberate differences, each explained wh
 
 * Everything is computed in fp32 (task vectors, masks, sums) and cast once at the end;
   mergekit mostly works in the base dtype (bf16 task vectors, bf16 sums).
-* Randomness comes from an explicit ``seed`` (int or ``torch.Generator``), never the global RNG,
-  and a Bernoulli mask is ``uniform < p``, so for one seed a lower density keeps a subset of
-  what a higher density keeps (smooth search landscape).
+* Randomness comes from an explicit integer ``seed``, never the global RNG: a counter-based
+  hash of (seed, source, element index) gives each element its uniform draw (mergekit:
+  ``torch.bernoulli`` on the global generator). The draw is a pure function of its index, so a
+  fused kernel computes it in registers with no random field in memory, eager and fused paths
+  draw the same masks, and a Bernoulli mask is ``uniform < p``: for one seed a lower density
+  keeps a subset of what a higher density keeps (smooth search landscape).
 * Magnitude top-k is a threshold ``|delta| >= kth largest`` (entries tied with the k-th are all
   kept; mergekit's argsort keeps an arbitrary k of them), so it can come from a precomputed
   :class:`MagnitudeTable` in O(1) instead of a sort per call.
@@ -28,7 +31,6 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 Floats = Union[float, Sequence[float]]
-Seed = Union[int, torch.Generator]
 Rescale = Union[bool, str, None]
 Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]  # (source index, fp32 delta) -> sparse delta
 
@@ -69,6 +71,15 @@ def _check_density(density: float, what: str) -> None:
         raise ValueError(f"{what}: density must be in (0, 1], got {density}")
 
 
+def check_sparsity(what: str, density: float, gamma: Optional[float] = None, epsilon: Optional[float] = None) -> None:
+    """Validate one source's density (and breadcrumbs' gamma, DELLA's epsilon) before merging."""
+    _check_density(density, what)
+    if gamma is not None and not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"{what}: gamma must be in [0, 1], got {gamma}")
+    if epsilon is not None and density < 1 and (epsilon < 0 or density + epsilon >= 1 or density - epsilon <= 0):
+        raise ValueError(f"{what}: need epsilon >= 0 and density +/- epsilon in (0, 1), got {density} +/- {epsilon}")
+
+
 def _check_rescale(rescale: Rescale, what: str) -> None:
     if rescale not in _RESCALES:
         raise ValueError(f"{what}: rescale must be one of {_RESCALES}, got {rescale!r}")
@@ -80,11 +91,53 @@ def _keep_count(density: float, numel: int) -> int:
     return max(1, int(density * numel))
 
 
-def _generator(seed: Seed, device: torch.device) -> torch.Generator:
-    """An int seed gives a fresh generator (same call -> same tensor); a Generator is consumed."""
-    if isinstance(seed, torch.Generator):
-        return seed
-    return torch.Generator(device=device).manual_seed(int(seed))
+# ----------------------------------------------------------------------------- randomness
+
+_HASH_M1 = 0x7FEB352D  # lowbias32 (C. Wellons' hash-prospector): full avalanche in 2 multiplies
+_HASH_M2 = 0x846CA68B - (1 << 32)  # the same constant as a signed int32
+_U24 = 2.0**-24
+
+
+def random_key(seed: int, source: int = 0) -> int:
+    """The int32 key of one source's random stream for one seed (a splitmix64 step): the
+    sources of one merge draw independent masks from one seed."""
+    z = (int(seed) * 0x9E3779B97F4A7C15 + (int(source) + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    z = (z ^ (z >> 31)) & 0xFFFFFFFF
+    return z - (1 << 32) if z >= 1 << 31 else z
+
+
+def hash_uniform(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Uniform floats in [0, 1) (24 random bits), one per (flat element ``index``, stream ``key``).
+
+    int32 arithmetic that wraps on overflow, with logical shifts written as arithmetic shift +
+    mask, so eager torch and a compiled kernel compute the same bits. ``index`` may be int64 for
+    tensors of 2**31 elements or more: the high half is folded in, and indices below 2**31 give
+    the same draws as with int32.
+    """
+    if index.dtype == torch.int64:
+        x = index ^ (key.long() & 0xFFFFFFFF)
+        x = ((x ^ (x >> 32)) & 0xFFFFFFFF).to(torch.int32)
+    else:
+        x = index ^ key
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _HASH_M1
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _HASH_M2
+    x = x ^ ((x >> 16) & 0xFFFF)
+    return ((x >> 8) & 0xFFFFFF).to(torch.float32) * _U24
+
+
+def _flat_index(numel: int, device: torch.device) -> torch.Tensor:
+    dtype = torch.int32 if numel < 2**31 else torch.int64
+    return torch.arange(numel, dtype=dtype, device=device)
+
+
+def uniform_like(delta: torch.Tensor, seed: int, source: int = 0) -> torch.Tensor:
+    """The uniform draws of ``delta``'s elements in the stream (seed, source), shaped like it."""
+    key = torch.tensor(random_key(seed, source), dtype=torch.int32, device=delta.device)
+    return hash_uniform(_flat_index(delta.numel(), delta.device), key).view(delta.shape)
 
 
 # ----------------------------------------------------------------------------- magnitude tables
@@ -213,60 +266,62 @@ def sparsify_outliers(
     (mergekit keeps nothing when int(density*n) == 0), and entries tied in magnitude with a kept
     boundary rank are kept.
     """
-    _check_density(density, "sparsify_outliers")
+    check_sparsity("sparsify_outliers", density, gamma=gamma)
     _check_rescale(rescale, "sparsify_outliers")
     _check_table(table, delta, "sparsify_outliers")
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"sparsify_outliers: gamma must be in [0, 1], got {gamma}")
     delta = delta.float()
     if density >= 1:
         return delta
-    n, mags = delta.numel(), delta.abs()
-    k = _keep_count(density, n)
-    n_top = min(int(gamma * n), n - k)
-    low = _desc_value(mags, n_top + k - 1, table)
-    high = _desc_value(mags, n_top, table)
+    mags = delta.abs()
+    first, last = outlier_ranks(delta.numel(), density, gamma)
+    low, high = _desc_value(mags, last, table), _desc_value(mags, first, table)
     return _rescaled(delta, (mags >= low) & (mags <= high), rescale, density)
 
 
-def sparsify_random(delta: torch.Tensor, density: float, seed: Seed = 0, rescale: Rescale = None) -> torch.Tensor:
-    """DARE: keep each entry with probability ``density`` (mergekit ``bernoulli``), seeded."""
+def outlier_ranks(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """Breadcrumbs' kept descending ranks [first, last] (both included) for density < 1."""
+    k = _keep_count(density, numel)
+    first = min(int(gamma * numel), numel - k)
+    return first, first + k - 1
+
+
+def sparsify_random(
+    delta: torch.Tensor, density: float, seed: int = 0, rescale: Rescale = None, *, source: int = 0
+) -> torch.Tensor:
+    """DARE: keep each entry with probability ``density`` (mergekit ``bernoulli``), seeded;
+    ``source`` picks the stream (each source of a merge draws its own)."""
     _check_density(density, "sparsify_random")
     _check_rescale(rescale, "sparsify_random")
     delta = delta.float()
     if density >= 1:
         return delta
-    u = torch.rand(delta.shape, generator=_generator(seed, delta.device), device=delta.device)
-    return _rescaled(delta, u < density, rescale, density)
+    return _rescaled(delta, uniform_like(delta, seed, source) < density, rescale, density)
 
 
 def sparsify_della(
     delta: torch.Tensor,
     density: float,
     epsilon: float = 0.15,
-    seed: Seed = 0,
+    seed: int = 0,
     rescale: Rescale = None,
     rank_norm: Optional[torch.Tensor] = None,
+    *,
+    source: int = 0,
 ) -> torch.Tensor:
     """DELLA MagPrune: keep probability rises linearly with per-row magnitude rank, from
     density - epsilon (smallest) to density + epsilon (largest); ``rank_norm`` from
     :func:`row_rank_norm` skips the per-call sort."""
-    _check_density(density, "sparsify_della")
+    check_sparsity("sparsify_della", density, epsilon=epsilon)
     _check_rescale(rescale, "sparsify_della")
     delta = delta.float()
     if density >= 1:
         return delta
-    if epsilon < 0 or density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError(
-            f"sparsify_della: need epsilon >= 0 and density +/- epsilon in (0, 1), got {density} +/- {epsilon}"
-        )
     if rank_norm is None:
         rank_norm = row_rank_norm(delta)
     elif rank_norm.shape != delta.shape:
         raise ValueError(f"sparsify_della: rank_norm shape {tuple(rank_norm.shape)} != {tuple(delta.shape)}")
     probs = (density - epsilon) + rank_norm.float() * (2 * epsilon)
-    u = torch.rand(delta.shape, generator=_generator(seed, delta.device), device=delta.device)
-    return _rescaled(delta, u < probs, rescale, probs)
+    return _rescaled(delta, uniform_like(delta, seed, source) < probs, rescale, probs)
 
 
 # ----------------------------------------------------------------------------- combiners
@@ -305,27 +360,81 @@ def combine_task_vectors(
     return out.view(base32.shape)
 
 
-def ties_stacked(
+def gta_stacked(
     base32: torch.Tensor,
     stacked: torch.Tensor,
     weights: torch.Tensor,
-    thresholds: torch.Tensor,
-    lambda_: float = 1.0,
+    density: torch.Tensor,
+    low: Optional[torch.Tensor] = None,
+    high: Optional[torch.Tensor] = None,
+    keys: Optional[torch.Tensor] = None,
+    epsilon: Optional[torch.Tensor] = None,
+    rank_norms: Optional[torch.Tensor] = None,
+    norms: Optional[torch.Tensor] = None,
+    rescale: Optional[str] = None,
+    consensus: Optional[str] = "sum",
     normalize: bool = True,
+    lambda_: float = 1.0,
 ) -> torch.Tensor:
-    """``ties`` (magnitude trim, sum sign election, disjoint mean; no rescale) over stacked fp32
-    task vectors, written as a handful of elementwise ops so a compiler can fuse them into one
-    pass. ``weights`` and ``thresholds`` are [N]; a zero weight removes a source. fp32 out."""
-    view = (-1,) + (1,) * base32.dim()
-    w = weights.view(view)
-    kept = torch.where(stacked.abs() >= thresholds.view(view), stacked * w, 0.0)
-    elected = torch.where(kept.sum(0) >= 0, 1.0, -1.0)
-    agree = torch.sign(kept) == elected
-    merged = torch.where(agree, kept, 0.0).sum(0)
-    if normalize:
-        divisor = torch.where(agree, w, 0.0).sum(0)
-        merged = merged / torch.where(divisor == 0, 1.0, divisor)
-    return base32 + lambda_ * merged
+    """Every sparsify-then-combine method (mergekit's GTA family) over stacked fp32 task vectors,
+    written as elementwise ops and two reductions so a compiler fuses it into ~two passes.
+
+    Per-source [N] vectors: ``weights`` (0 removes a source), ``density``. The mask is either
+    magnitude bounds (``low <= |delta| <= high``: TIES, breadcrumbs) or random (``keys``: each
+    source's stream, keep where :func:`hash_uniform` < p with p = density, or with ``epsilon``
+    and ``rank_norms`` ([N, *shape], :func:`row_rank_norm`) DELLA's p = density - epsilon +
+    2 epsilon rank). ``rescale``: None, "l1", "l2", "linf" (``norms``: each task vector's norm
+    before masking) or "keep_prob" (divide by p). ``consensus``: "sum", "count" or None (plain
+    weighted sum; ``normalize`` then divides by sum w). fp32 out.
+    """
+    n = stacked.shape[0]
+    flat = stacked.reshape(n, -1)
+    p = density.view(n, 1)
+    keep = None
+    if low is not None and high is not None:
+        mags = flat.abs()
+        keep = (mags >= low.view(n, 1)) & (mags <= high.view(n, 1))
+    if keys is not None:
+        if epsilon is not None and rank_norms is not None:
+            p = (p - epsilon.view(n, 1)) + rank_norms.reshape(n, -1) * (2 * epsilon.view(n, 1))
+        index = _flat_index(flat.shape[1], flat.device)
+        keep = hash_uniform(index.view(1, -1), keys.view(n, 1)) < p
+    masked = flat if keep is None else torch.where(keep, flat, 0.0)
+    scale = weights
+    if rescale == "keep_prob":
+        masked = masked / p
+    elif rescale is not None and norms is not None:
+        if rescale == "l1":
+            after = masked.abs().sum(1)
+        elif rescale == "l2":
+            after = masked.square().sum(1).sqrt()
+        else:
+            after = masked.abs().amax(1)
+        tiny = (norms < _NORM_EPS) | (after < _NORM_EPS)
+        scale = weights * torch.where(tiny, 1.0, norms / after)
+    kept = masked * scale.view(n, 1)
+    if consensus is None:
+        merged = kept.sum(0)
+        if normalize:
+            merged = merged / weights.sum()
+    else:
+        votes = kept if consensus == "sum" else torch.sign(kept)
+        agree = torch.sign(kept) == torch.where(votes.sum(0) >= 0, 1.0, -1.0)  # zeros never vote
+        merged = torch.where(agree, kept, 0.0).sum(0)
+        if normalize:
+            divisor = torch.where(agree, weights.view(n, 1), 0.0).sum(0)
+            merged = merged / torch.where(divisor == 0, 1.0, divisor)
+    return (base32.reshape(-1) + lambda_ * merged).view(base32.shape)
+
+
+def stacked_norm(stacked: torch.Tensor, kind: str) -> torch.Tensor:
+    """[N] norms of stacked task vectors before masking, as ``gta_stacked``'s rescale uses them."""
+    flat = stacked.reshape(stacked.shape[0], -1)
+    if kind == "l1":
+        return flat.abs().sum(1)
+    if kind == "l2":
+        return flat.norm(dim=1)
+    return flat.abs().amax(1)
 
 
 def _gta(
@@ -414,15 +523,14 @@ def _magnitude_sparsifier(n: int, densities, gamma, rescale, tables, what: str) 
     return lambda i, d: sparsify_outliers(d, dens[i], gam[i], rescale, tabs[i])
 
 
-def _random_sparsifier(n: int, densities, epsilon, seed, device, rescale, rank_norms, what: str) -> Sparsifier:
-    """DARE (epsilon None) or DELLA, per source; one generator, sources drawn in order."""
+def _random_sparsifier(n: int, densities, epsilon, seed, rescale, rank_norms, what: str) -> Sparsifier:
+    """DARE (epsilon None) or DELLA, per source; source i draws from stream (seed, i)."""
     dens = _densities(densities, n, what)
     _check_rescale(rescale, what)
-    gen = _generator(seed, device)
     if epsilon is None:
-        return lambda i, d: sparsify_random(d, dens[i], gen, rescale)
+        return lambda i, d: sparsify_random(d, dens[i], seed, rescale, source=i)
     eps, ranks = _per_source(epsilon, n, "epsilon", what), _tables(rank_norms, n, what)
-    return lambda i, d: sparsify_della(d, dens[i], eps[i], gen, rescale, ranks[i])
+    return lambda i, d: sparsify_della(d, dens[i], eps[i], seed, rescale, ranks[i], source=i)
 
 
 def ties(
@@ -492,7 +600,7 @@ def dare_ties(
     weights: Floats,
     densities: Floats = 1.0,
     *,
-    seed: Seed = 0,
+    seed: int = 0,
     normalize: bool = False,
     rescale: Rescale = True,
     lambda_: float = 1.0,
@@ -502,7 +610,7 @@ def dare_ties(
     """DARE random drop + rescale, then TIES sign election (mergekit defaults: no normalize, l1 rescale)."""
     n = len(tensors)
     w = _per_source(weights, n, "weight", "dare_ties")
-    sp = _random_sparsifier(n, densities, None, seed, base.device, rescale, None, "dare_ties")
+    sp = _random_sparsifier(n, densities, None, seed, rescale, None, "dare_ties")
     return _gta(base, tensors, w, sp, consensus, normalize, lambda_, "dare_ties", deltas_given)
 
 
@@ -512,7 +620,7 @@ def dare_linear(
     weights: Floats,
     densities: Floats = 1.0,
     *,
-    seed: Seed = 0,
+    seed: int = 0,
     normalize: bool = False,
     rescale: Rescale = True,
     lambda_: float = 1.0,
@@ -521,7 +629,7 @@ def dare_linear(
     """DARE random drop + rescale, then plain task arithmetic."""
     n = len(tensors)
     w = _per_source(weights, n, "weight", "dare_linear")
-    sp = _random_sparsifier(n, densities, None, seed, base.device, rescale, None, "dare_linear")
+    sp = _random_sparsifier(n, densities, None, seed, rescale, None, "dare_linear")
     return _gta(base, tensors, w, sp, None, normalize, lambda_, "dare_linear", deltas_given)
 
 
@@ -532,7 +640,7 @@ def della(
     densities: Floats = 1.0,
     epsilon: Floats = 0.15,
     *,
-    seed: Seed = 0,
+    seed: int = 0,
     normalize: bool = True,
     rescale: Rescale = True,
     lambda_: float = 1.0,
@@ -543,7 +651,7 @@ def della(
     """DELLA: magnitude-rank-weighted random drop + rescale, sign election, disjoint mean."""
     n = len(tensors)
     w = _per_source(weights, n, "weight", "della")
-    sp = _random_sparsifier(n, densities, epsilon, seed, base.device, rescale, rank_norms, "della")
+    sp = _random_sparsifier(n, densities, epsilon, seed, rescale, rank_norms, "della")
     return _gta(base, tensors, w, sp, consensus, normalize, lambda_, "della", deltas_given)
 
 
@@ -554,7 +662,7 @@ def della_linear(
     densities: Floats = 1.0,
     epsilon: Floats = 0.15,
     *,
-    seed: Seed = 0,
+    seed: int = 0,
     normalize: bool = False,
     rescale: Rescale = True,
     lambda_: float = 1.0,
@@ -564,7 +672,7 @@ def della_linear(
     """DELLA sparsification, then plain task arithmetic."""
     n, what = len(tensors), "della_linear"
     w = _per_source(weights, n, "weight", what)
-    sp = _random_sparsifier(n, densities, epsilon, seed, base.device, rescale, rank_norms, what)
+    sp = _random_sparsifier(n, densities, epsilon, seed, rescale, rank_norms, what)
     return _gta(base, tensors, w, sp, None, normalize, lambda_, what, deltas_given)
 
 
@@ -648,7 +756,13 @@ __all__ = [
     "della_linear",
     "linear",
     "combine_task_vectors",
-    "ties_stacked",
+    "gta_stacked",
+    "stacked_norm",
+    "hash_uniform",
+    "random_key",
+    "uniform_like",
+    "outlier_ranks",
+    "check_sparsity",
     "magnitude_threshold",
     "model_stock",
     "row_rank_norm",
