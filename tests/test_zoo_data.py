@@ -8,7 +8,9 @@ import random
 import pytest
 import yaml
 
-from fuse_evo.zoo.skills import SKILLS, GenericText, eval_splits, increment, reverse, shift
+from fuse_evo.zoo.skills import (
+    N_CHOICES, SKILLS, Example, GenericText, choices, eval_splits, increment, reverse, shift,
+)
 from fuse_evo.zoo.tasks import write_tasks
 from fuse_evo.zoo.tokenizer import build_tokenizer
 from fuse_evo.zoo.train import IGNORE, MixtureBatches
@@ -104,14 +106,40 @@ def test_task_files_have_absolute_paths_and_one_generation_task(tmp_path, monkey
         skill: dict(zip(("search", "heldout"), eval_splits(skill, 0, 5, 7))) for skill in SKILLS
     }
     names = write_tasks(tmp_path / "tasks", splits, generation_skill="increment")
-    assert names["reverse"] == {"search": "zoo_reverse_search", "heldout": "zoo_reverse_heldout"}
+    assert names["reverse"] == {
+        "search": "zoo_reverse_search", "heldout": "zoo_reverse_heldout",
+        "mc_search": "zoo_reverse_mc_search", "mc_heldout": "zoo_reverse_mc_heldout",
+    }
     assert names["increment"]["generate_heldout"] == "zoo_increment_gen_heldout"
+    kinds = {"generate": "generate_until", "mc": "multiple_choice"}
     for skill, by_split in names.items():
-        for split, name in by_split.items():
+        for key, name in by_split.items():
+            kind, _, split = key.rpartition("_")
             spec = yaml.safe_load((tmp_path / "tasks" / f"{name}.yaml").read_text())
             data = spec["dataset_kwargs"]["data_files"]["test"]
             assert data.startswith("/")
             rows = [json.loads(line) for line in open(data)]
-            expected = splits[skill][split.removeprefix("generate_")]
+            expected = splits[skill][split]
             assert [r["prompt"] for r in rows] == [e.prompt for e in expected]
-            assert spec["output_type"] == ("generate_until" if "gen" in name else "loglikelihood")
+            assert spec["output_type"] == kinds.get(kind, "loglikelihood")
+
+
+def test_multiple_choice_rows_hold_the_answer_among_distinct_near_misses(tmp_path):
+    splits = {skill: dict(zip(("search", "heldout"), eval_splits(skill, 0, 40, 40))) for skill in SKILLS}
+    names = write_tasks(tmp_path / "tasks", splits, generation_skill=None)
+    for skill in SKILLS:
+        spec = yaml.safe_load((tmp_path / "tasks" / f"{names[skill]['mc_search']}.yaml").read_text())
+        assert (spec["doc_to_choice"], spec["doc_to_target"]) == ("choices", "gold")
+        assert [m["metric"] for m in spec["metric_list"]] == ["acc", "acc_norm"]
+        rows = [json.loads(line) for line in open(spec["dataset_kwargs"]["data_files"]["test"])]
+        golds = set()
+        for row, ex in zip(rows, splits[skill]["search"], strict=True):
+            assert len(set(row["choices"])) == N_CHOICES == len(row["choices"])
+            assert row["choices"][row["gold"]] == ex.answer
+            golds.add(row["gold"])
+        assert golds == set(range(N_CHOICES))  # the answer is not always in one place
+    # near misses are the slips each skill invites, and never the answer itself
+    assert choices("increment", Example("inc 4829 =", "4830"), 0) == (["4830", "4829", "4831", "4840"], 0)
+    options, gold = choices("reverse", Example("rev aba =", "aba"), 1)
+    assert gold == 1 and options[1] == "aba" and len(set(options)) == N_CHOICES
+    assert choices("shift", Example("rot abz =", "dec"), 3)[0] == ["abz", "cdb", "efd", "dec"]

@@ -33,7 +33,7 @@ from .train import MixtureBatches, new_model, train
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: multiple-choice tasks
 MARKER = ".fuse_evo_zoo"  # marks a directory this module owns and may rebuild
 BASE = "base"
 CHECKED_FILES = ("model.safetensors", "config.json", "tokenizer.json")

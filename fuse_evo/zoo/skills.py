@@ -61,6 +61,64 @@ SKILLS: dict[str, Callable[[random.Random], Example]] = {
 }
 
 
+# ---------------------------------------------------------------------------- near misses
+# Multiple-choice tasks offer the answer among near misses a model could plausibly produce,
+# so choosing among them tests the skill, not the answer's format: the input copied, and the
+# answer with the kind of slip each skill invites.
+N_CHOICES = 4
+
+
+def _increment_misses(ex: Example) -> list[str]:
+    n = int(ex.prompt.split()[1])
+    return [str(n), str(n + 2), str(n + 11)]  # copied, one too far, a slip in the tens
+
+
+def _reverse_misses(ex: Example) -> list[str]:
+    w, r = ex.prompt.split()[1], ex.answer
+    return [w, r[1] + r[0] + r[2:], r[1:] + r[0]]  # copied, first pair swapped, rotated
+
+
+def _shift_misses(ex: Example) -> list[str]:
+    w = ex.prompt.split()[1]
+    return [w] + ["".join(LETTERS[(LETTERS.index(c) + k) % 26] for c in w) for k in (SHIFT - 1, SHIFT + 1)]
+
+
+NEAR_MISSES: dict[str, Callable[[Example], list[str]]] = {
+    "increment": _increment_misses,
+    "reverse": _reverse_misses,
+    "shift": _shift_misses,
+}
+
+
+def _bump(ch: str) -> str:
+    alphabet = DIGITS if ch in DIGITS else LETTERS
+    return alphabet[(alphabet.index(ch) + 1) % len(alphabet)]
+
+
+def choices(skill: str, ex: Example, index: int) -> tuple[list[str], int]:
+    """``N_CHOICES`` distinct choices for an example and the position of its answer.
+
+    Near misses that coincide with the answer or with each other (a palindrome reversed, a
+    repeated letter) are replaced by the answer with one more character moved on. The answer's
+    position cycles with the example's index, so every position holds the gold equally often.
+    """
+    wrong: list[str] = []
+    for miss in NEAR_MISSES[skill](ex):
+        if miss != ex.answer and miss not in wrong:
+            wrong.append(miss)
+    i = 0
+    while len(wrong) < N_CHOICES - 1:
+        pos, ch = i % len(ex.answer), ex.answer[i % len(ex.answer)]
+        for _ in range(1 + i // len(ex.answer)):
+            ch = _bump(ch)
+        miss = ex.answer[:pos] + ch + ex.answer[pos + 1 :]
+        if miss != ex.answer and miss not in wrong:
+            wrong.append(miss)
+        i += 1
+    gold = index % N_CHOICES
+    return wrong[:gold] + [ex.answer] + wrong[gold:], gold
+
+
 class GenericText:
     """The alphabet's generic data: sentences over a fixed random lexicon of pseudo-words.
 

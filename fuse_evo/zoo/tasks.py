@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .skills import Example
+from .skills import Example, choices
 
 
-def task_name(skill: str, split: str, generate: bool = False) -> str:
-    return f"zoo_{skill}{'_gen' if generate else ''}_{split}"
+def task_name(skill: str, split: str, generate: bool = False, mc: bool = False) -> str:
+    return f"zoo_{skill}{'_gen' if generate else ''}{'_mc' if mc else ''}_{split}"
 
 
 def _write_jsonl(path: Path, examples: list[Example]) -> None:
@@ -24,11 +24,27 @@ def _write_jsonl(path: Path, examples: list[Example]) -> None:
             f.write(json.dumps({"id": i, "prompt": ex.prompt, "answer": ex.answer}) + "\n")
 
 
-def _task_yaml(name: str, data: Path, output_type: str, metric: str, extra: str = "") -> str:
+def _write_mc_jsonl(path: Path, skill: str, examples: list[Example]) -> None:
+    with path.open("w") as f:
+        for i, ex in enumerate(examples):
+            options, gold = choices(skill, ex, i)
+            row = {"id": i, "prompt": ex.prompt, "answer": ex.answer, "choices": options, "gold": gold}
+            f.write(json.dumps(row) + "\n")
+
+
+def _task_yaml(
+    name: str, data: Path, output_type: str, metric: str | tuple[str, ...], extra: str = "",
+    target: str = '"{{answer}}"',
+) -> str:
     # The prompt ends with the space before the answer and the delimiter is empty. lm-eval
     # moves a context's trailing whitespace into a loglikelihood continuation, so it scores
     # " " + answer, exactly what the models were trained on (lm-eval 0.4.10+ no longer adds
     # target_delimiter to loglikelihood continuations); generation starts after that space.
+    # Multiple-choice continuations are target_delimiter + choice, so " " + choice as well.
+    metrics = "".join(
+        f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n"
+        for m in ((metric,) if isinstance(metric, str) else metric)
+    )
     return f"""task: {name}
 dataset_path: json
 dataset_kwargs:
@@ -37,13 +53,10 @@ dataset_kwargs:
 test_split: test
 output_type: {output_type}
 doc_to_text: "{{{{prompt}}}} "
-doc_to_target: "{{{{answer}}}}"
+doc_to_target: {target}
 target_delimiter: ""
 {extra}metric_list:
-  - metric: {metric}
-    aggregation: mean
-    higher_is_better: true
-metadata:
+{metrics}metadata:
   version: 1.0
 """
 
@@ -63,12 +76,23 @@ def _generate_yaml(name: str, data: Path, max_answer_chars: int) -> str:
     return _task_yaml(name, data, "generate_until", "exact_match", extra)
 
 
+def _multiple_choice_yaml(name: str, data: Path) -> str:
+    # choices and the gold index are data fields: lm-eval reads them without a template
+    return _task_yaml(
+        name, data, "multiple_choice", ("acc", "acc_norm"), "doc_to_choice: choices\n", target="gold"
+    )
+
+
 def write_tasks(
     task_dir: Path,
     splits: dict[str, dict[str, list[Example]]],
     generation_skill: str | None,
 ) -> dict[str, dict[str, str]]:
-    """Write data and YAMLs under ``task_dir``; return ``{skill: {"search": name, ...}}``."""
+    """Write data and YAMLs under ``task_dir``; return ``{skill: {"search": name, ...}}``.
+
+    Keys per skill: ``search``, ``heldout`` (loglikelihood), ``mc_search``, ``mc_heldout``
+    (multiple choice) and, for the generation skill, ``generate_search``, ``generate_heldout``.
+    """
     task_dir = task_dir.resolve()
     data_dir = task_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +105,11 @@ def write_tasks(
             name = task_name(skill, split)
             (task_dir / f"{name}.yaml").write_text(_loglikelihood_yaml(name, data))
             names[skill][split] = name
+            mc_data = data_dir / f"{skill}_{split}_mc.jsonl"
+            _write_mc_jsonl(mc_data, skill, examples)
+            mc = task_name(skill, split, mc=True)
+            (task_dir / f"{mc}.yaml").write_text(_multiple_choice_yaml(mc, mc_data))
+            names[skill][f"mc_{split}"] = mc
             if skill == generation_skill:
                 gen = task_name(skill, split, generate=True)
                 longest = max(len(ex.answer) for ex in examples)
