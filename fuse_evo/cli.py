@@ -48,7 +48,14 @@ COMMANDS: dict[str, tuple[str, Callable[[DictConfig], None], str]] = {
 # commands with plain flags (their arguments are files and folders, not a composed config)
 FLAG_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "merge": (lambda argv: _merge(argv), "merge models from a recipe or a mergekit YAML into an HF folder"),
+    "eval": (lambda argv: _eval(argv), "score an HF model folder with lm-eval tasks (the search's evaluator)"),
 }
+
+
+def _eval(argv: list[str]) -> int:
+    from .evaluate.run import main as eval_main
+
+    return eval_main(argv)
 
 
 def _merge(argv: list[str]) -> int:

@@ -72,10 +72,44 @@ class ZooCommand:
     progress: bool = True
 
 
+@dataclass
+class ObjectiveConfig:
+    """One named objective: a task metric, or a cost the search can trade off.
+
+    ``metric`` is ``TASK/METRIC`` or ``TASK/METRIC,FILTER`` (filter ``none`` by default), e.g.
+    ``zoo_increment_search/acc``; ``cost`` is ``params``, ``layers`` or ``tokens_per_s``. Give
+    exactly one. ``direction`` is ``max`` or ``min`` (default: ``max`` for metrics and
+    tokens/s, ``min`` for parameters and layers); ``weight`` scales the objective in a
+    single-objective (weighted-sum) run.
+    """
+
+    name: str = "???"
+    metric: Optional[str] = None
+    cost: Optional[str] = None
+    direction: Optional[str] = None
+    weight: float = 1.0
+
+
+@dataclass
+class EvaluatorConfig:
+    """What a worker's Evaluator scores, and how its numbers become objectives."""
+
+    tasks: list[str] = field(default_factory=list)
+    include_path: list[str] = field(default_factory=list)  # folders of custom task YAMLs
+    limit: Optional[float] = None  # documents per task (a fraction if < 1), as lm-eval's --limit
+    limits: dict[str, float] = field(default_factory=dict)  # per-task limit, overrides `limit`
+    samples: dict[str, list[int]] = field(default_factory=dict)  # fixed document ids per task
+    num_fewshot: Optional[int] = None
+    fewshot_seed: int = 1234
+    batch_size: int = 64
+    objectives: list[ObjectiveConfig] = field(default_factory=list)
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="zoo_command_schema", node=ZooCommand)
     cs.store(group="zoo", name="zoo_schema", node=ZooConfig)
+    cs.store(group="evaluator", name="evaluator_schema", node=EvaluatorConfig)
 
 
 register()
