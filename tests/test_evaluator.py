@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from pathlib import Path
 
 import lm_eval
 import pytest
@@ -19,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fuse_evo.errors import FuseEvoError
 from fuse_evo.evaluate.evaluator import Evaluator, TaskError
+from fuse_evo.evaluate.objectives import Objectives, measure_costs
 
 
 def _load(zoo, name):
@@ -155,6 +157,36 @@ def test_per_task_limits_and_costs_of_a_call(micro_zoo):
     seqs = ev.token_sequences()
     assert scores.tokens == sum(len(s) for s in seqs) > 0
     assert ev.metric_names()[tasks["multiple_choice"]] == ["acc,none", "acc_norm,none"]
+    # the objectives a search would optimize, from this call
+    objectives = Objectives([
+        {"name": "mc", "metric": f"{tasks['multiple_choice']}/acc_norm"},
+        {"name": "gen", "metric": f"{tasks['generate_until']}/exact_match", "weight": 2.0},
+        {"name": "size", "cost": "params"}, {"name": "speed", "cost": "tokens_per_s"},
+    ])
+    objectives.check_tasks(ev.metric_names())
+    values = objectives.values(scores, measure_costs(model, scores))
+    assert values["mc"] == scores.results[tasks["multiple_choice"]]["acc_norm,none"]
+    assert values["size"] == sum(p.numel() for p in model.parameters())
+    assert values["speed"] == pytest.approx(scores.tokens / scores.seconds)
+
+
+def test_sampled_generation_is_reseeded_per_call(micro_zoo, tmp_path):
+    """Outside the greedy fast path HFLM generates; the RNGs are reseeded per call as
+    simple_evaluate seeds them, so sampled text repeats across calls and matches lm-eval's."""
+    source = Path(micro_zoo["task_dir"]) / f"{_tasks(micro_zoo)['generate_until']}.yaml"
+    text = source.read_text().replace("do_sample: false", "do_sample: true\n  temperature: 1.5")
+    (tmp_path / "sampled.yaml").write_text(text.replace(f"task: {source.stem}", "task: zoo_sampled"))
+    model, tok = _load(micro_zoo, "base")
+    ev = Evaluator(model, tok, ["zoo_sampled"], include_path=tmp_path, limit=30)
+    first = ev.score()
+    texts = [inst.resps[0] for inst in ev.tasks["zoo_sampled"].instances]
+    assert ev.score().results == first.results
+    assert [inst.resps[0] for inst in ev.tasks["zoo_sampled"].instances] == texts
+    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    ref = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=64), tasks=["zoo_sampled"],
+                                  task_manager=manager, limit=30, bootstrap_iters=0, log_samples=True)
+    assert [s["resps"][0][0] for s in sorted(ref["samples"]["zoo_sampled"], key=lambda s: s["doc_id"])] == texts
+    assert len(set(texts)) > 5  # really sampled: not one repeated string
 
 
 # ---------------------------------------------------------------------------- bad input

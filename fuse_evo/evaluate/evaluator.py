@@ -233,6 +233,9 @@ class Evaluator:
 
     Bad input (an unknown task, an unreadable task YAML, a missing data file, an impossible
     limit or sample id) raises ``TaskError`` here, before any model work.
+
+    Build it once the model is on its device: the weights may then change in place between
+    calls (that is the point), its device, dtype and tokenizer may not.
     """
 
     def __init__(
