@@ -1,0 +1,97 @@
+"""Structured configs of the search's ``space`` and ``strategy`` groups (Hydra ConfigStore).
+
+The YAMLs under ``search_spaces/`` extend ``space_schema``, so a misspelt key fails when Hydra
+composes the config, naming the key. Values that only make sense together (a gene the method
+does not read, bounds a method refuses) are checked when the SearchSpace / Strategy is built,
+again naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class GeneConfig:
+    """One searched parameter: its bounds, its starting value and how widely it is shared.
+
+    ``scope``: ``group_model`` (a gene per tensor group and source model), ``group`` (per group,
+    shared by the models), ``model`` (per model, for every group) or ``global`` (one gene).
+    Left out, it is ``group_model`` for per-model parameters (weight, density, ...), ``group``
+    for slerp's ``t`` and ``global`` for ``lambda``. ``init`` left out: the method's natural
+    value (weight 1/N: a uniform merge; mergekit's defaults for the others), clipped into
+    the bounds.
+    """
+
+    low: float = MISSING
+    high: float = MISSING
+    init: Optional[float] = None
+    scope: Optional[str] = None
+
+
+@dataclass
+class GranularityConfig:
+    """How finely the layers are cut into tensor groups, each with its own genes."""
+
+    layers_per_block: int = 1  # 1: a group per layer; k: blocks of k consecutive layers
+    split_attn_mlp: bool = False  # attention and MLP halves of a block get separate genes
+    embed_norm_head: str = "own"  # own: a group each; shared: one "*" group for the three
+
+
+@dataclass
+class SpaceConfig:
+    """A search space: the merge method, its searched genes and the fixed rest.
+
+    ``models``, ``base`` and ``num_layers`` describe the models being merged; an experiment
+    fills them from its models group (``num_layers`` may also come from the base's HF config).
+    ``fixed`` holds per-model parameters (the same for every group and model) and global ones
+    (normalize, rescale, lambda, ...) that are not searched.
+    """
+
+    method: str = MISSING
+    models: list[str] = field(default_factory=list)
+    base: str = "base"
+    num_layers: Optional[int] = None
+    genes: dict[str, GeneConfig] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    granularity: GranularityConfig = field(default_factory=GranularityConfig)
+    seed: int = 0  # the seed of stochastic methods (DARE, DELLA) in every decoded recipe
+
+
+@dataclass
+class StrategyConfig:
+    """Which optimizer proposes genomes, and how long it runs.
+
+    ``backend``: ``nevergrad`` (``optimizer``: a registry name such as CMA, DE, TwoPointsDE,
+    NGOpt, PortfolioDiscreteOnePlusOne; default NGOpt), ``optuna`` (``optimizer``: cmaes, tpe,
+    nsga2; default tpe) or ``random`` (no optimizer). ``initial``: ``uniform`` (the space's initial point), null
+    (none) or a genome, asked first. ``failure_loss`` is what Nevergrad and random search are
+    told for each objective of a failed candidate (Optuna marks the trial failed instead); it
+    must be worse than any real loss. ``storage``/``study_name``: an Optuna RDB URL and study
+    (in-memory when null).
+    """
+
+    backend: str = "nevergrad"
+    optimizer: Optional[str] = None
+    budget: int = 100
+    population_size: Optional[int] = None
+    num_objectives: int = 1
+    num_workers: int = 1  # candidates in flight at once (Nevergrad plans for them)
+    seed: int = 0
+    initial: Any = "uniform"
+    failure_loss: float = 1.0e6
+    storage: Optional[str] = None
+    study_name: Optional[str] = None
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(group="space", name="space_schema", node=SpaceConfig)
+    cs.store(group="strategy", name="strategy_schema", node=StrategyConfig)
+
+
+register()
