@@ -227,16 +227,21 @@ class MergeEngine:
             low, high = {}, {}
             for m, p in zip(models, per):
                 low[m], high[m] = self._magnitude_bounds(m, name, p["density"], p.get("gamma"))
-            args["low"], args["high"] = vec(low), vec(high, fill=math.inf)
+            args["low"] = vec(low)
+            if method != "ties":  # an upper bound only where there is one: a cheaper kernel
+                args["high"] = vec(high, fill=math.inf)
         else:  # random masks: source j of the recipe draws from stream (tensor seed, j), as the operators
             seed = tensor_seed(recipe.seed, name)
             args["keys"] = vec({m: ops.random_key(seed, j) for j, m in enumerate(models)}, dtype=torch.int32)
             if method in _RANKED:
                 args["epsilon"] = vec({m: p["epsilon"] if p["density"] < 1 else 0.0 for m, p in zip(models, per)})
                 args["rank_norms"] = self._rank_norms(name)
+        stacked = self.stacked[name]
         if rescale in ("l1", "l2", "linf"):
             args["norms"] = self._norm(name, rescale)
-        merged = _fused(ops.gta_stacked)(self.base32[name], self.stacked[name], **args)
+            mask = {k: args.get(k) for k in ("density", "low", "high", "keys", "epsilon", "rank_norms")}
+            args["after"] = _fused(ops.masked_norm)(stacked, **mask, kind=rescale)
+        merged = _fused(ops.gta_stacked)(self.base32[name], stacked, **args)
         return merged.view(self.shapes[name])
 
     def _magnitude_bounds(self, model: str, name: str, density: float, gamma: float | None) -> tuple[float, float]:
