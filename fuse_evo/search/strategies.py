@@ -1,0 +1,427 @@
+"""Strategies: one small ask/tell interface over Nevergrad, Optuna and random search.
+
+The only module that imports nevergrad or optuna. A strategy proposes genomes inside the
+space's bounds (``ask``), learns losses to minimize (``tell``), and saves everything it needs
+to continue exactly where it stopped (``state_dict`` / ``load_state_dict``), including the
+candidates asked but not yet told, so a resumed search can re-dispatch them.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import warnings
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Sequence
+
+import nevergrad as ng
+import numpy as np
+import optuna
+from nevergrad.optimization.base import Optimizer as NgOptimizer
+from nevergrad.optimization.optimizerlib import NGOptBase
+from nevergrad.optimization.recaster import RecastOptimizer
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from ..errors import ConfigError, FuseEvoError
+from .config import StrategyConfig
+from .space import SearchSpace, SpaceError
+
+_STATE_FORMAT = 1
+
+
+class StrategyError(FuseEvoError):
+    """A tell or a checkpoint the strategy cannot accept (the message says which)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Candidate:
+    """One proposed genome; ``id`` is unique within the strategy (Optuna: the trial number)."""
+
+    id: int
+    genome: np.ndarray
+
+
+class Strategy(ABC):
+    """ask() -> Candidate; tell(candidate, losses | failed); state_dict() / load_state_dict().
+
+    Losses are minimized, one per objective. A failed candidate (an exception, NaN or
+    infinite losses) is told as a failure in the backend's own way and never stops the run.
+    """
+
+    backend: str
+
+    def __init__(self, config: StrategyConfig, space: SearchSpace):
+        self.config = config
+        self.space = space
+        self.name = f"{self.backend}/{config.optimizer}" if config.optimizer else self.backend
+        self.multi_objective = config.num_objectives > 1
+        self.budget = config.budget
+        self.population_size = config.population_size
+        self.n_asked = 0
+        self.n_told = 0
+        self._next_id = 0
+        self._pending: dict[int, tuple[Candidate, Any]] = {}  # id -> (candidate, backend handle)
+
+    # ------------------------------------------------------------------ the interface
+    def ask(self) -> Candidate:
+        cid, genome, handle = self._ask()
+        # backends' bound handling may land a rounding error outside: the space refuses that
+        genome = np.clip(np.asarray(genome, dtype=np.float64), self.space.lower, self.space.upper)
+        candidate = Candidate(cid, genome)
+        self._pending[cid] = (candidate, handle)
+        self.n_asked += 1
+        return candidate
+
+    def tell(self, candidate: Candidate, values: Sequence[float] | None = None, failed: bool = False) -> None:
+        """Report a candidate's losses (to minimize), or that it failed. Non-finite losses
+        count as a failure."""
+        if candidate.id not in self._pending:
+            raise StrategyError(f"tell: candidate {candidate.id} was not asked or was already told")
+        losses = None
+        if not failed:
+            if values is None:
+                raise StrategyError(f"tell: candidate {candidate.id} has no losses and is not marked failed")
+            losses = [float(v) for v in values]
+            if len(losses) != self.config.num_objectives:
+                raise StrategyError(f"tell: candidate {candidate.id} has {len(losses)} losses, the strategy "
+                                    f"minimizes {self.config.num_objectives} objective(s)")
+            if not all(math.isfinite(v) for v in losses):
+                losses = None
+        _, handle = self._pending.pop(candidate.id)
+        self._tell(handle, losses)
+        self.n_told += 1
+
+    def close(self) -> None:
+        """Release what the backend holds beyond memory (Nevergrad's optimizer threads)."""
+
+    def __enter__(self) -> "Strategy":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def pending(self) -> list[Candidate]:
+        """Candidates asked and not yet told (after a resume: the ones to re-dispatch)."""
+        return [c for c, _ in self._pending.values()]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue identically: picklable (backend state as bytes)."""
+        return {
+            "format": _STATE_FORMAT,
+            "strategy": self.name,
+            "num_objectives": self.config.num_objectives,
+            "genes": self.space.names,
+            "lower": self.space.lower.tolist(),
+            "upper": self.space.upper.tolist(),
+            "n_asked": self.n_asked,
+            "n_told": self.n_told,
+            "next_id": self._next_id,
+            "pending": [[c.id, c.genome.tolist()] for c, _ in self._pending.values()],
+            "backend": self._save({cid: h for cid, (_, h) in self._pending.items()}),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a state_dict; a checkpoint of another strategy or space is refused."""
+        if state.get("format") != _STATE_FORMAT:
+            raise StrategyError(f"checkpoint: format {state.get('format')!r}, this version reads {_STATE_FORMAT}")
+        for key, ours in (("strategy", self.name), ("num_objectives", self.config.num_objectives)):
+            if state[key] != ours:
+                raise StrategyError(f"checkpoint: written with {key} {state[key]!r}, this run has {ours!r}")
+        space = (self.space.names, self.space.lower.tolist(), self.space.upper.tolist())
+        if (state["genes"], state["lower"], state["upper"]) != space:
+            raise StrategyError(f"checkpoint: written for a space of {len(state['genes'])} genes "
+                                f"(or other bounds), this run's space has {self.space.dimension}")
+        pending = {}
+        for cid, genome in state["pending"]:
+            try:
+                pending[cid] = Candidate(cid, self.space.validate(genome))
+            except SpaceError as e:
+                raise StrategyError(f"checkpoint: pending candidate {cid}: {e}") from None
+        handles = self._load(state["backend"])
+        if set(handles) != set(pending):
+            raise StrategyError(f"checkpoint: pending candidates {sorted(pending)} do not match the backend's {sorted(handles)}")
+        self._pending = {cid: (pending[cid], handles[cid]) for cid in pending}
+        self.n_asked, self.n_told, self._next_id = state["n_asked"], state["n_told"], state["next_id"]
+
+    # ------------------------------------------------------------------ backends
+    def _initial(self) -> np.ndarray | None:
+        initial = self.config.initial
+        if initial is None:
+            return None
+        if isinstance(initial, str):
+            if initial != "uniform":
+                raise ConfigError(f"strategy.initial: 'uniform', null or a genome, got {initial!r}")
+            return self.space.initial()
+        try:
+            return self.space.validate(list(initial))
+        except SpaceError as e:
+            raise ConfigError(f"strategy.initial: {e}") from None
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
+    @abstractmethod
+    def _ask(self) -> tuple[int, np.ndarray, Any]:
+        """(id, genome, handle the backend needs at tell time)."""
+
+    @abstractmethod
+    def _tell(self, handle: Any, losses: list[float] | None) -> None:
+        """losses None: the candidate failed."""
+
+    @abstractmethod
+    def _save(self, handles: dict[int, Any]) -> Any:
+        """The backend's state, with the handles of pending candidates."""
+
+    @abstractmethod
+    def _load(self, blob: Any) -> dict[int, Any]:
+        """Restore the backend; return the pending candidates' handles."""
+
+
+# ---------------------------------------------------------------------------- Nevergrad
+# optimizers whose population size we can set, as the registry entries of the same name
+_NG_POPULATION = {
+    "CMA": lambda k: ng.families.ParametrizedCMA(popsize=k),
+    "DE": lambda k: ng.families.DifferentialEvolution(popsize=k),
+    "TwoPointsDE": lambda k: ng.families.DifferentialEvolution(crossover="twopoints", popsize=k),
+}
+
+
+class NevergradStrategy(Strategy):
+    """A Nevergrad optimizer by registry name over one bounded ``ng.p.Array``.
+
+    Failures are told as ``failure_loss`` per objective (Nevergrad has no failure state).
+    State: the optimizer pickled (its parametrization holds the random state), except for
+    optimizers that run a library's minimize loop in a thread (NGOpt with one worker picks
+    scipy's COBYLA, Powell, ...): they cannot be pickled, so their state is the log of asks
+    and tells, replayed into a fresh optimizer on load. Such an optimizer evaluates one
+    candidate at a time, and its thread is not a daemon: ``close()`` (or ``with``) stops it,
+    or an interpreter still holding the strategy at exit waits for it forever.
+    """
+
+    backend = "nevergrad"
+
+    def __init__(self, config: StrategyConfig, space: SearchSpace):
+        super().__init__(config, space)
+        name = config.optimizer
+        if name not in ng.optimizers.registry:
+            raise ConfigError(f"strategy.optimizer: nevergrad has no optimizer {name!r}; try CMA, DE, "
+                              "TwoPointsDE, NGOpt, PortfolioDiscreteOnePlusOne (or any ng.optimizers.registry name)")
+        if config.population_size is None:
+            self._family = ng.optimizers.registry[name]
+        elif name in _NG_POPULATION:
+            self._family = _NG_POPULATION[name](config.population_size)
+        else:
+            raise ConfigError(f"strategy.population_size: nevergrad's {name} takes none (only "
+                              f"{', '.join(_NG_POPULATION)} do); set it to null")
+        if getattr(self._family, "no_parallelization", False) and config.num_workers > 1:
+            raise ConfigError(f"strategy.num_workers: nevergrad's {name} evaluates one candidate at a time")
+        self._start = self._initial()
+        self.optimizer = self._build()
+        chosen = self.optimizer.optim if isinstance(self.optimizer, NGOptBase) else self.optimizer
+        self._one_at_a_time = chosen.name if chosen.no_parallelization else None
+        self._replay = any(isinstance(o, RecastOptimizer) for o in _ng_tree(self.optimizer))
+        self._log: list[list] = []  # when replayed: ["ask", genome] and ["tell", id, loss]
+
+    def _build(self) -> NgOptimizer:
+        """A fresh optimizer: the same one on every call, given the config."""
+        init = self.space.initial() if self._start is None else self._start
+        parametrization = ng.p.Array(init=init, lower=self.space.lower, upper=self.space.upper)
+        parametrization.random_state = np.random.RandomState(self.config.seed)
+        optimizer = self._family(parametrization, budget=self.config.budget, num_workers=self.config.num_workers)
+        if self._start is not None:
+            optimizer.suggest(self._start)
+        return optimizer
+
+    def _ask(self):
+        if self._one_at_a_time and self._pending:
+            raise StrategyError(f"ask: nevergrad's {self._one_at_a_time} (from {self.name}) evaluates one candidate "
+                                f"at a time; tell candidate {next(iter(self._pending))} first, or set "
+                                "strategy.num_workers to the candidates in flight (NGOpt then picks another)")
+        with _quiet_cma():
+            param = self.optimizer.ask()
+        cid = self._new_id()
+        if self._replay:
+            self._log.append(["ask", param.value.tolist()])
+        return cid, np.array(param.value), (cid, param)
+
+    def _tell(self, handle, losses):
+        cid, param = handle
+        loss = [self.config.failure_loss] * self.config.num_objectives if losses is None else losses
+        loss = loss if self.multi_objective else loss[0]
+        with _quiet_cma():
+            self.optimizer.tell(param, loss)
+        if self._replay:
+            self._log.append(["tell", cid, loss])
+
+    def _save(self, handles):
+        if self._replay:
+            return {"log": [list(event) for event in self._log]}
+        return pickle.dumps((self.optimizer, handles))
+
+    def _load(self, blob):
+        self.close()
+        if not self._replay:
+            self.optimizer, handles = pickle.loads(blob)
+            return handles
+        self.optimizer, self._log, params = self._build(), [], {}
+        for event in blob["log"]:
+            if event[0] == "ask":  # ids count the asks from 0
+                param = self.optimizer.ask()
+                if not np.allclose(param.value, event[1], rtol=1e-9, atol=1e-12):
+                    raise StrategyError(f"checkpoint: replaying nevergrad's {self.name} gave another candidate "
+                                        f"{len(params)} than the run it continues")
+                params[len(params)] = param
+            else:
+                self.optimizer.tell(params[event[1]], event[2])
+            self._log.append(list(event))
+        told = {event[1] for event in self._log if event[0] == "tell"}
+        return {cid: (cid, param) for cid, param in params.items() if cid not in told}
+
+    def close(self) -> None:
+        for optimizer in _ng_tree(self.optimizer):
+            if isinstance(optimizer, RecastOptimizer) and optimizer._messaging_thread is not None:
+                optimizer._messaging_thread.stop()
+
+
+def _ng_tree(optimizer: NgOptimizer, seen: set[int] | None = None) -> Iterator[NgOptimizer]:
+    """An optimizer and every optimizer it delegates to (NGOpt's choice is made here)."""
+    seen = set() if seen is None else seen
+    if id(optimizer) in seen:
+        return
+    seen.add(id(optimizer))
+    yield optimizer
+    if isinstance(optimizer, NGOptBase):
+        yield from _ng_tree(optimizer.optim, seen)
+    for value in vars(optimizer).values():
+        for sub in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(sub, NgOptimizer):
+                yield from _ng_tree(sub, seen)
+
+
+@contextmanager
+def _quiet_cma() -> Iterator[None]:
+    """Nevergrad's CMA injects suggested and told-not-asked points into pycma, which then
+    warns each generation that they were 'orphanated': harmless, and noise in a long search."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="orphanated injected solution")
+        yield
+
+
+# ---------------------------------------------------------------------------- Optuna
+class OptunaStrategy(Strategy):
+    """An Optuna sampler (cmaes, tpe, nsga2) driven through ``study.ask(fixed_distributions)``.
+
+    One FloatDistribution per gene, named by the gene. Failures are ``TrialState.FAIL``.
+    Samplers are not stored in a study: the state pickles the sampler (its random state and
+    settings) and, for in-memory storage, the storage with every trial; with an RDB
+    ``storage`` URL the trials stay in the database and the state names the study.
+    """
+
+    backend = "optuna"
+    SAMPLERS = ("cmaes", "tpe", "nsga2")
+
+    def __init__(self, config: StrategyConfig, space: SearchSpace):
+        super().__init__(config, space)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # our loop logs candidates itself
+        self._distributions = {g.name: FloatDistribution(g.low, g.high) for g in space.genes}
+        self._url = config.storage
+        self._memory = None if config.storage else optuna.storages.InMemoryStorage()
+        self.study = optuna.create_study(
+            storage=config.storage or self._memory, sampler=self._sampler(), study_name=config.study_name,
+            directions=["minimize"] * config.num_objectives, load_if_exists=config.storage is not None,
+        )
+        initial = self._initial()
+        if initial is not None and not self.study.trials:  # a resumed RDB study has its first trial
+            self.study.enqueue_trial(dict(zip(space.names, initial.tolist())))
+
+    def _sampler(self) -> optuna.samplers.BaseSampler:
+        c = self.config
+        if c.optimizer not in self.SAMPLERS:
+            raise ConfigError(f"strategy.optimizer: optuna samplers are {', '.join(self.SAMPLERS)}; got {c.optimizer!r}")
+        if c.optimizer == "cmaes":
+            if self.multi_objective:
+                raise ConfigError("strategy.optimizer: optuna's cmaes is single-objective; use nsga2 or tpe")
+            return optuna.samplers.CmaEsSampler(seed=c.seed, popsize=c.population_size)
+        if c.optimizer == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=c.seed, population_size=c.population_size or 50)
+        if c.population_size is not None:
+            raise ConfigError("strategy.population_size: optuna's tpe has no population; set it to null")
+        return optuna.samplers.TPESampler(seed=c.seed)
+
+    def _ask(self):
+        trial = self.study.ask(self._distributions)
+        return trial.number, np.array([trial.params[n] for n in self.space.names]), trial.number
+
+    def _tell(self, handle, losses):
+        if losses is None:
+            self.study.tell(handle, state=TrialState.FAIL)
+        else:
+            self.study.tell(handle, losses if self.multi_objective else losses[0])
+
+    def _save(self, handles):
+        return pickle.dumps({"storage": self._memory, "study_name": self.study.study_name,
+                             "sampler": self.study.sampler, "trials": handles})
+
+    def _load(self, blob):
+        state = pickle.loads(blob)
+        if (state["storage"] is None) != (self._url is not None):
+            raise StrategyError("checkpoint: written with another optuna storage (in-memory vs database)")
+        self._memory = state["storage"]
+        self.study = optuna.load_study(study_name=state["study_name"], storage=self._url or self._memory,
+                                       sampler=state["sampler"])
+        return state["trials"]
+
+
+# ---------------------------------------------------------------------------- random search
+class RandomSearch(Strategy):
+    """Uniform samples inside the bounds: the honest baseline every strategy must beat."""
+
+    backend = "random"
+
+    def __init__(self, config: StrategyConfig, space: SearchSpace):
+        super().__init__(config, space)
+        self._rng = np.random.default_rng(config.seed)
+        self._first = self._initial()
+
+    def _ask(self):
+        if self._first is not None:
+            genome, self._first = self._first, None
+        else:
+            genome = self._rng.uniform(self.space.lower, self.space.upper)
+        return self._new_id(), genome, None
+
+    def _tell(self, handle, losses):
+        pass  # random search learns nothing
+
+    def _save(self, handles):
+        first = None if self._first is None else self._first.tolist()
+        return {"rng": self._rng.bit_generator.state, "first": first, "handles": handles}
+
+    def _load(self, blob):
+        self._rng.bit_generator.state = blob["rng"]
+        self._first = None if blob["first"] is None else np.array(blob["first"])
+        return blob["handles"]
+
+
+# ---------------------------------------------------------------------------- factory
+BACKENDS: dict[str, type[Strategy]] = {"nevergrad": NevergradStrategy, "optuna": OptunaStrategy, "random": RandomSearch}
+_DEFAULT_OPTIMIZER = {"nevergrad": "NGOpt", "optuna": "tpe", "random": None}
+
+
+def make_strategy(config: StrategyConfig, space: SearchSpace) -> Strategy:
+    """The strategy a config names, over ``space``; ConfigError naming the key at fault."""
+    if config.backend not in BACKENDS:
+        raise ConfigError(f"strategy.backend: {config.backend!r} is not one of {', '.join(BACKENDS)}")
+    if config.backend == "random" and config.optimizer is not None:
+        raise ConfigError(f"strategy.optimizer: random search has none, got {config.optimizer!r}; set it to null")
+    for key, least in (("budget", 1), ("num_objectives", 1), ("num_workers", 1), ("population_size", 2)):
+        value = getattr(config, key)
+        if value is not None and value < least:
+            raise ConfigError(f"strategy.{key}: must be at least {least}, got {value}")
+    if config.optimizer is None and _DEFAULT_OPTIMIZER[config.backend]:
+        config = replace(config, optimizer=_DEFAULT_OPTIMIZER[config.backend])
+    return BACKENDS[config.backend](config, space)
