@@ -39,8 +39,8 @@ def space() -> SearchSpace:
 
 
 def config(backend: str, optimizer: str | None, **kw) -> StrategyConfig:
-    return StrategyConfig(backend=backend, optimizer=optimizer, population_size=POPULATION.get(optimizer),
-                          budget=40, seed=3, **kw)
+    return StrategyConfig(**{"backend": backend, "optimizer": optimizer, "population_size": POPULATION.get(optimizer),
+                             "budget": 40, "seed": 3, **kw})
 
 
 def step(strategy, failed: bool = False) -> np.ndarray:
@@ -152,6 +152,8 @@ def test_checkpoints_of_another_run_are_refused(space):
     state = a.state_dict()
     with pytest.raises(StrategyError, match="written with strategy 'random'"):
         make_strategy(config("optuna", "tpe"), space).load_state_dict(state)
+    with pytest.raises(StrategyError, match="written with seed 3, this run has 4"):
+        make_strategy(config("random", None, seed=4), space).load_state_dict(state)
     other = SearchSpace(replace(space.config, num_layers=2))
     with pytest.raises(StrategyError, match="space of 6 genes"):
         make_strategy(config("random", None), other).load_state_dict(state)

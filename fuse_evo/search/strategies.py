@@ -113,6 +113,7 @@ class Strategy(ABC):
             "format": _STATE_FORMAT,
             "strategy": self.name,
             "num_objectives": self.config.num_objectives,
+            "seed": self.config.seed,
             "genes": self.space.names,
             "lower": self.space.lower.tolist(),
             "upper": self.space.upper.tolist(),
@@ -127,7 +128,8 @@ class Strategy(ABC):
         """Continue from a state_dict; a checkpoint of another strategy or space is refused."""
         if state.get("format") != _STATE_FORMAT:
             raise StrategyError(f"checkpoint: format {state.get('format')!r}, this version reads {_STATE_FORMAT}")
-        for key, ours in (("strategy", self.name), ("num_objectives", self.config.num_objectives)):
+        for key, ours in (("strategy", self.name), ("num_objectives", self.config.num_objectives),
+                          ("seed", self.config.seed)):
             if state[key] != ours:
                 raise StrategyError(f"checkpoint: written with {key} {state[key]!r}, this run has {ours!r}")
         space = (self.space.names, self.space.lower.tolist(), self.space.upper.tolist())
