@@ -362,8 +362,9 @@ def combine_task_vectors(
     return out.view(base32.shape)
 
 
-def _masked(
-    flat: torch.Tensor,
+def _masked_row(
+    row: torch.Tensor,
+    i: int,
     density: torch.Tensor,
     low: Optional[torch.Tensor],
     high: Optional[torch.Tensor],
@@ -371,29 +372,29 @@ def _masked(
     epsilon: Optional[torch.Tensor],
     rank_norms: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sparsified [N, numel] task vectors of ``gta_stacked`` and their keep probability p."""
-    n = flat.shape[0]
-    p = density.view(n, 1)
-    masked = flat
+    """Source ``i``'s sparsified task vector (``row``, flat) in ``gta_stacked``, and its keep
+    probability p (a scalar, or per element for DELLA)."""
+    p = density[i]
+    masked = row
     if low is not None:
-        mags = flat.abs()
-        if high is not None:  # nested wheres: a bool `&` of two masks compiles to a much slower loop
-            masked = torch.where(mags <= high.view(n, 1), flat, 0.0)
-        masked = torch.where(mags >= low.view(n, 1), masked, 0.0)
+        mags = row.abs()
+        if high is not None:  # nested wheres: a bool `&` of two masks compiles to a slower loop
+            masked = torch.where(mags <= high[i], row, 0.0)
+        masked = torch.where(mags >= low[i], masked, 0.0)
     if keys is not None:
         if epsilon is not None and rank_norms is not None:
-            p = (p - epsilon.view(n, 1)) + rank_norms.reshape(n, -1) * (2 * epsilon.view(n, 1))
-        index = _flat_index(flat.shape[1], flat.device)
-        masked = torch.where(hash_uniform(index.view(1, -1), keys.view(n, 1)) < p, flat, 0.0)
+            p = (p - epsilon[i]) + rank_norms[i].reshape(-1) * (2 * epsilon[i])
+        index = _flat_index(row.numel(), row.device)
+        masked = torch.where(hash_uniform(index, keys[i]) < p, row, 0.0)
     return masked, p
 
 
-def _row_norm(flat: torch.Tensor, kind: str) -> torch.Tensor:
+def _norm(x: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "l1":
-        return flat.abs().sum(1)
+        return x.abs().sum()
     if kind == "l2":
-        return flat.square().sum(1).sqrt()
-    return flat.abs().amax(1)
+        return x.square().sum().sqrt()
+    return x.abs().amax()
 
 
 def masked_norm(
@@ -406,11 +407,14 @@ def masked_norm(
     rank_norms: Optional[torch.Tensor] = None,
     kind: str = "l1",
 ) -> torch.Tensor:
-    """[N] norms of the task vectors as ``gta_stacked`` masks them (its ``after``): compiled
-    apart, it is one cheap reduction; inside the main kernel it makes the compiler write the
-    whole masked stack to memory and read it back."""
-    flat = stacked.reshape(stacked.shape[0], -1)
-    return _row_norm(_masked(flat, density, low, high, keys, epsilon, rank_norms)[0], kind)
+    """[N] norms of the task vectors as ``gta_stacked`` masks them (its ``after``). Compiled
+    apart it is one cheap reduction per source; inside the main kernel it makes the compiler
+    write the whole masked stack to memory and read it back."""
+    rows = stacked.reshape(stacked.shape[0], -1)
+    return torch.stack([
+        _norm(_masked_row(rows[i], i, density, low, high, keys, epsilon, rank_norms)[0], kind)
+        for i in range(rows.shape[0])
+    ])
 
 
 def gta_stacked(
@@ -431,7 +435,7 @@ def gta_stacked(
     lambda_: float = 1.0,
 ) -> torch.Tensor:
     """Every sparsify-then-combine method (mergekit's GTA family) over stacked fp32 task vectors,
-    written as elementwise ops and reductions a compiler fuses into one or two passes.
+    written so a compiler makes it one elementwise pass.
 
     Per-source [N] vectors: ``weights`` (0 removes a source), ``density``. The mask is either
     magnitude bounds (``low <= |delta|``, and ``<= high`` when given: TIES, breadcrumbs) or
@@ -441,37 +445,43 @@ def gta_stacked(
     each task vector's norm before masking; ``after``: after masking, from :func:`masked_norm`,
     computed here when not given) or "keep_prob" (divide by p). ``consensus``: "sum", "count"
     or None (plain weighted sum; ``normalize`` then divides by sum w). fp32 out.
+
+    The sources are unrolled (N is small and fixed per pool): every per-source value is then a
+    flat elementwise expression, which the compiler keeps in registers; reductions over an
+    [N, numel] dimension instead make it write masked stacks to memory and read them back.
     """
-    n = stacked.shape[0]
-    masked, p = _masked(stacked.reshape(n, -1), density, low, high, keys, epsilon, rank_norms)
-    scale = weights
-    if rescale == "keep_prob":
-        masked = masked / p
-    elif rescale is not None and norms is not None:
-        if after is None:
-            after = _row_norm(masked, rescale)
-        tiny = (norms < _NORM_EPS) | (after < _NORM_EPS)
-        scale = weights * torch.where(tiny, 1.0, norms / after)
-    kept = masked * scale.view(n, 1)
+    rows = stacked.reshape(stacked.shape[0], -1)
+    kept = []
+    for i in range(rows.shape[0]):
+        masked, p = _masked_row(rows[i], i, density, low, high, keys, epsilon, rank_norms)
+        scale = weights[i]
+        if rescale == "keep_prob":
+            masked = masked / p
+        elif rescale is not None and norms is not None:
+            a = _norm(masked, rescale) if after is None else after[i]
+            tiny = (norms[i] < _NORM_EPS) | (a < _NORM_EPS)
+            scale = scale * torch.where(tiny, 1.0, norms[i] / a)
+        kept.append(masked * scale)
     if consensus is None:
-        merged = kept.sum(0)
+        merged = sum(kept[1:], kept[0])
         if normalize:
             merged = merged / weights.sum()
     else:
-        votes = kept if consensus == "sum" else torch.sign(kept)
-        elected = torch.where(votes.sum(0) >= 0, 1.0, -1.0)
-        # the agreement test is written out in each sum: kept as one shared bool buffer, the
-        # compiled kernel runs ~5x slower (zeros never agree: sign 0 is neither +1 nor -1)
-        merged = torch.where(torch.sign(kept) == elected, kept, 0.0).sum(0)
+        votes = kept if consensus == "sum" else [torch.sign(k) for k in kept]
+        elected = torch.where(sum(votes[1:], votes[0]) >= 0, 1.0, -1.0)
+        agree = [torch.sign(k) == elected for k in kept]  # zeros never agree: sign 0 is not +-1
+        merged = sum((torch.where(a, k, 0.0) for a, k in zip(agree[1:], kept[1:])), torch.where(agree[0], kept[0], 0.0))
         if normalize:
-            divisor = torch.where(torch.sign(kept) == elected, weights.view(n, 1), 0.0).sum(0)
+            divisor = sum((torch.where(a, weights[i + 1], 0.0) for i, a in enumerate(agree[1:])),
+                          torch.where(agree[0], weights[0], 0.0))
             merged = merged / torch.where(divisor == 0, 1.0, divisor)
     return (base32.reshape(-1) + lambda_ * merged).view(base32.shape)
 
 
 def stacked_norm(stacked: torch.Tensor, kind: str) -> torch.Tensor:
     """[N] norms of stacked task vectors before masking, as ``gta_stacked``'s rescale uses them."""
-    return _row_norm(stacked.reshape(stacked.shape[0], -1), kind)
+    rows = stacked.reshape(stacked.shape[0], -1)
+    return torch.stack([_norm(row, kind) for row in rows])
 
 
 def _gta(
