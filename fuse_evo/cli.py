@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from . import config as _config  # noqa: F401  (registers the structured configs)
+from .search import config as _search_config  # noqa: F401
 from .errors import FuseEvoError
 
 log = logging.getLogger("fuse_evo")
@@ -42,8 +43,15 @@ def _zoo(cfg: DictConfig) -> None:
     print(f"\nzoo: {Path(manifest['task_dir']).parent / 'zoo.json'}")
 
 
+def _search(cfg: DictConfig) -> None:
+    from .search.run import run_search, summary
+
+    print(summary(run_search(OmegaConf.to_object(cfg))))
+
+
 COMMANDS: dict[str, tuple[str, Callable[[DictConfig], None], str]] = {
     "zoo": ("zoo", _zoo, "build (or reuse) the offline model zoo and print its score table"),
+    "search": ("search", _search, "evolve merge coefficients (experiment=NAME); the same command resumes"),
 }
 # commands with plain flags (their arguments are files and folders, not a composed config)
 FLAG_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
@@ -85,7 +93,7 @@ def _usage() -> str:
     lines = ["usage: fuse-evo COMMAND [key=value ...]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in FLAG_COMMANDS.items()]
-    lines += ["", "zoo takes Hydra overrides (key=value); `fuse-evo COMMAND --help` explains each command."]
+    lines += ["", "zoo and search take Hydra overrides (key=value); `fuse-evo COMMAND --help` explains each command."]
     return "\n".join(lines)
 
 

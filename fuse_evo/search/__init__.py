@@ -1,10 +1,28 @@
-"""The search: spaces that decode genomes into recipes, and strategies that propose genomes."""
+"""The search: spaces that decode genomes into recipes, strategies that propose genomes, the
+archive of evaluations and the loop that runs them (``fuse-evo search``).
 
-from .config import GeneConfig, GranularityConfig, SpaceConfig, StrategyConfig
-from .space import Gene, SearchSpace, SpaceError
-from .strategies import Candidate, Strategy, StrategyError, make_strategy
+Names are imported on first use, so ``fuse_evo.search.config`` (the Hydra schemas every CLI
+command registers) does not pull in torch, nevergrad and optuna.
+"""
 
-__all__ = [
-    "Candidate", "Gene", "GeneConfig", "GranularityConfig", "SearchSpace", "SpaceConfig", "SpaceError",
-    "Strategy", "StrategyConfig", "StrategyError", "make_strategy",
-]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "GeneConfig": "config", "GranularityConfig": "config", "SpaceConfig": "config", "StrategyConfig": "config",
+    "ModelsConfig": "config", "RunConfig": "config", "SearchCommand": "config",
+    "Gene": "space", "SearchSpace": "space", "SpaceError": "space",
+    "Candidate": "strategies", "Strategy": "strategies", "StrategyError": "strategies", "make_strategy": "strategies",
+    "Archive": "archive", "ArchiveError": "archive", "Trial": "archive",
+    "run_search": "run", "Search": "run", "SearchResult": "run", "RunDirError": "run",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

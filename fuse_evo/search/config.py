@@ -1,4 +1,5 @@
-"""Structured configs of the search's ``space`` and ``strategy`` groups (Hydra ConfigStore).
+"""Structured configs of ``fuse-evo search`` and its groups (Hydra ConfigStore): ``models``,
+``space``, ``strategy``, ``evaluator`` (``fuse_evo.config.EvaluatorConfig``) and ``run``.
 
 The YAMLs under ``search_spaces/`` extend ``space_schema``, so a misspelt key fails when Hydra
 composes the config, naming the key. Values that only make sense together (a gene the method
@@ -13,6 +14,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from ..config import EvaluatorConfig, ZooConfig
 
 
 @dataclass
@@ -88,10 +91,72 @@ class StrategyConfig:
     study_name: Optional[str] = None
 
 
+@dataclass
+class ModelsConfig:
+    """The models merged: a zoo (built if missing, its base and every specialist, or the
+    ``sources`` named from it), or an explicit ``base`` folder (or hub id) and ``sources``
+    (name -> folder or hub id).
+
+    With a zoo, ``sources`` may list specialist names (``[ft_increment, ft_shift]`` as a
+    mapping ``{ft_increment: null}``) to merge only those; paths come from zoo.json.
+    """
+
+    zoo: Optional[ZooConfig] = None
+    base: Optional[str] = None
+    sources: dict[str, Optional[str]] = field(default_factory=dict)
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class RunConfig:
+    """Where a search lives and how long it runs.
+
+    ``dir``: the run directory (config.yaml, archive.db, strategy.pkl, search.log); running
+    the same command on it again resumes. ``budget``: candidates evaluated in all (scored,
+    failed and duplicates of an earlier recipe alike: each is one archive row and one tell).
+    ``overwrite``: start afresh in a directory holding another experiment (or this one).
+    ``db_url``: an SQLAlchemy URL for a shared archive database (default: sqlite in ``dir``).
+    ``id``: the run's id in the database (default: made up at the first start, kept in
+    ``dir``/config.yaml). ``device``/``dtype``: where and in which precision a worker keeps
+    the live model (default: CUDA when available, the checkpoint's dtype). ``threads``:
+    torch CPU threads (null: torch's default). ``dashboard``: mirror every evaluation into an
+    Optuna study in the archive database, so ``optuna-dashboard DB_URL`` shows the run.
+    """
+
+    dir: str = "runs/${name}"
+    budget: int = 100
+    overwrite: bool = False
+    db_url: Optional[str] = None
+    id: Optional[str] = None
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    threads: Optional[int] = None
+    progress: bool = True
+    dashboard: bool = True
+
+
+@dataclass
+class SearchCommand:
+    """``fuse-evo search``: evolve merge recipes of ``models`` in ``space`` with ``strategy``,
+    scored by ``evaluator`` (its ``objectives``), archived and checkpointed in ``run.dir``."""
+
+    name: str = "search"
+    seed: int = 0
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    space: SpaceConfig = MISSING
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(group="space", name="space_schema", node=SpaceConfig)
     cs.store(group="strategy", name="strategy_schema", node=StrategyConfig)
+    cs.store(group="models", name="models_schema", node=ModelsConfig)
+    cs.store(group="run", name="run_schema", node=RunConfig)
+    cs.store(name="search_schema", node=SearchCommand)
 
 
 register()

@@ -1,0 +1,338 @@
+"""Archive: every evaluation of a search in a real database (SQLite in the run directory by
+default, any SQLAlchemy URL, e.g. PostgreSQL, for a shared one).
+
+Two tables, prefixed ``fe_`` so an Optuna study (the dashboard mirror) can share the file:
+
+- ``fe_runs``: one row per run: its id, experiment name, the resolved config (YAML) and what
+  readers need without composing it again (``info``: models and their paths, the zoo, the
+  genes and their bounds, the objectives, the strategy).
+- ``fe_trials``: one row per evaluated candidate, written in one transaction: its number (0,
+  1, ... in the order they finished), the strategy's candidate id, status (``complete``,
+  ``failed``, or ``duplicate``: a recipe scored before, told the earlier result without a new
+  evaluation), genome, recipe (as a dict), recipe key, metrics, objective values, losses, the
+  scalar objective (larger is better), the error of a failure, the recipe's seed, the worker,
+  start/finish times and timings.
+
+Read a finished (or running) search with ``Archive.open(run_dir)``; nothing here needs torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import sqlalchemy as sa
+import yaml
+
+from ..errors import FuseEvoError
+from ..recipe import Recipe
+
+CONFIG_FILE = "config.yaml"
+DB_FILE = "archive.db"
+STATUSES = ("complete", "failed", "duplicate")
+
+_meta = sa.MetaData()
+_runs = sa.Table(
+    "fe_runs", _meta,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("config", sa.Text, nullable=False),
+    sa.Column("info", sa.Text, nullable=False),
+)
+_trials = sa.Table(
+    "fe_trials", _meta,
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("fe_runs.id"), primary_key=True),
+    sa.Column("number", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("candidate_id", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("genome", sa.Text, nullable=False),
+    sa.Column("recipe", sa.Text, nullable=False),
+    sa.Column("recipe_key", sa.String(64), nullable=False),
+    sa.Column("metrics", sa.Text, nullable=False),
+    sa.Column("objectives", sa.Text, nullable=False),
+    sa.Column("losses", sa.Text, nullable=True),
+    sa.Column("scalar", sa.Float, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("seed", sa.Integer, nullable=False),
+    sa.Column("duplicate_of", sa.Integer, nullable=True),
+    sa.Column("worker", sa.String(200), nullable=False),
+    sa.Column("started", sa.Float, nullable=False),
+    sa.Column("finished", sa.Float, nullable=False),
+    sa.Column("timings", sa.Text, nullable=False),
+    sa.UniqueConstraint("run_id", "candidate_id", name="fe_trials_candidate"),
+    sa.Index("fe_trials_recipe_key", "run_id", "recipe_key"),
+)
+
+
+class ArchiveError(FuseEvoError):
+    """A run directory or database that cannot be read as a search archive."""
+
+
+@dataclass
+class Trial:
+    """One evaluated candidate. ``recipe`` is ``Recipe.to_dict()``; ``objectives`` maps each
+    objective's name to its value in its own units; ``losses`` are what the strategy was told
+    (minimized); ``scalar`` is the weighted objective sum, larger is better (None if failed).
+    ``timings``: seconds (``merge``, ``score``, ``total``, and the evaluator's per request
+    type); ``started``/``finished``: Unix times."""
+
+    number: int
+    candidate_id: int
+    status: str
+    genome: list[float]
+    recipe: dict[str, Any]
+    recipe_key: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    objectives: dict[str, float] = field(default_factory=dict)
+    losses: list[float] | None = None
+    scalar: float | None = None
+    error: str | None = None
+    seed: int = 0
+    duplicate_of: int | None = None
+    worker: str = ""
+    started: float = 0.0
+    finished: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Scored (here or, for a duplicate, by the trial it repeats) and not failed."""
+        return self.status != "failed" and self.scalar is not None
+
+    def to_recipe(self) -> Recipe:
+        return Recipe.from_dict(self.recipe)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _row_to_trial(row: Any) -> Trial:
+    m = row._mapping
+    return Trial(
+        number=m["number"], candidate_id=m["candidate_id"], status=m["status"],
+        genome=json.loads(m["genome"]), recipe=json.loads(m["recipe"]), recipe_key=m["recipe_key"],
+        metrics=json.loads(m["metrics"]), objectives=json.loads(m["objectives"]),
+        losses=None if m["losses"] is None else json.loads(m["losses"]),
+        scalar=m["scalar"], error=m["error"], seed=m["seed"], duplicate_of=m["duplicate_of"],
+        worker=m["worker"], started=m["started"], finished=m["finished"], timings=json.loads(m["timings"]),
+    )
+
+
+def default_url(run_dir: str | Path) -> str:
+    return f"sqlite:///{Path(run_dir).resolve() / DB_FILE}"
+
+
+def _engine(url: str) -> sa.Engine:
+    try:
+        engine = sa.create_engine(url, future=True)
+    except (sa.exc.ArgumentError, ImportError) as e:
+        raise ArchiveError(f"run.db_url: {url!r} is not a usable database URL ({e})") from None
+    if engine.dialect.name == "sqlite":
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection, _record):  # a killed run never leaves a torn database
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+    return engine
+
+
+class Archive:
+    """The evaluations of one run (``run_id``) in the database at ``url``.
+
+    Writers (the search) call ``start_run`` once, then ``record`` per candidate. Readers
+    (export, report, a notebook) open a run directory with ``Archive.open(run_dir)`` and use
+    ``trials()``, ``best()``, ``pareto_front()``, ``info``, ``config``.
+    """
+
+    def __init__(self, url: str, run_id: str, create: bool = False):
+        self.url = url
+        self.run_id = run_id
+        self.engine = _engine(url)
+        try:
+            if create:
+                _meta.create_all(self.engine)
+            elif not sa.inspect(self.engine).has_table("fe_trials"):
+                raise ArchiveError(f"{_safe_url(url)} holds no search archive")
+        except sa.exc.SQLAlchemyError as e:
+            raise ArchiveError(f"the archive database {_safe_url(url)} cannot be opened: {e.__class__.__name__}: "
+                               f"{str(e).splitlines()[0]}") from None
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, run_dir: str | Path) -> "Archive":
+        """The archive of the search in ``run_dir`` (its config.yaml names the database and run id)."""
+        run_dir = Path(run_dir)
+        config = read_run_config(run_dir)
+        run = config.get("run") or {}
+        if not run.get("id"):
+            raise ArchiveError(f"{run_dir / CONFIG_FILE}: no run.id; not written by fuse-evo search")
+        archive = cls(run.get("db_url") or default_url(run_dir), run["id"])
+        if archive.run_row() is None:
+            raise ArchiveError(f"{_safe_url(archive.url)} has no run {run['id']!r} (the run in {run_dir})")
+        return archive
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "Archive":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ the run
+    def run_row(self) -> dict[str, Any] | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(_runs).where(_runs.c.id == self.run_id)).first()
+        return None if row is None else dict(row._mapping)
+
+    def start_run(self, name: str, config_yaml: str, info: dict[str, Any]) -> None:
+        """Register the run (first start), or refresh its config and info (a resume)."""
+        with self.engine.begin() as c:
+            exists = c.execute(sa.select(_runs.c.id).where(_runs.c.id == self.run_id)).first()
+            values = {"name": name, "config": config_yaml, "info": _dumps(info)}
+            if exists:
+                c.execute(_runs.update().where(_runs.c.id == self.run_id).values(**values))
+            else:
+                c.execute(_runs.insert().values(id=self.run_id, created=time.time(), **values))
+
+    def delete_run(self) -> None:
+        """Remove this run's rows (``run.overwrite`` on a shared database)."""
+        with self.engine.begin() as c:
+            c.execute(_trials.delete().where(_trials.c.run_id == self.run_id))
+            c.execute(_runs.delete().where(_runs.c.id == self.run_id))
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What the run searched: ``name``, ``base`` (its name), ``sources`` (name -> path, the
+        base included: what ``fuse_evo.export.save_merged`` takes), ``zoo`` (the zoo folder
+        and its ``zoo.json``, or None), ``genes`` / ``lower`` / ``upper``, ``objectives``
+        (name, direction, weight, metric or cost), ``strategy``, ``seed``, ``budget``."""
+        row = self._require_run()
+        return json.loads(row["info"])
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved config the run was started (or last resumed) with, as plain data."""
+        return yaml.safe_load(self._require_run()["config"])
+
+    def _require_run(self) -> dict[str, Any]:
+        row = self.run_row()
+        if row is None:
+            raise ArchiveError(f"{_safe_url(self.url)} has no run {self.run_id!r}")
+        return row
+
+    # ------------------------------------------------------------------ writing
+    def record(self, trial: Trial) -> Trial:
+        """Append one evaluation in one transaction; its ``number`` is assigned here."""
+        if trial.status not in STATUSES:
+            raise ValueError(f"trial status {trial.status!r}: not one of {STATUSES}")
+        with self.engine.begin() as c:
+            number = c.execute(
+                sa.select(sa.func.coalesce(sa.func.max(_trials.c.number) + 1, 0)).where(_trials.c.run_id == self.run_id)
+            ).scalar_one()
+            trial.number = int(number)
+            c.execute(_trials.insert().values(
+                run_id=self.run_id, number=trial.number, candidate_id=trial.candidate_id, status=trial.status,
+                genome=_dumps([float(x) for x in trial.genome]), recipe=_dumps(trial.recipe),
+                recipe_key=trial.recipe_key, metrics=_dumps(trial.metrics), objectives=_dumps(trial.objectives),
+                losses=None if trial.losses is None else _dumps(trial.losses),
+                scalar=None if trial.scalar is None or not math.isfinite(trial.scalar) else float(trial.scalar),
+                error=trial.error, seed=int(trial.seed), duplicate_of=trial.duplicate_of, worker=trial.worker,
+                started=trial.started, finished=trial.finished, timings=_dumps(trial.timings),
+            ))
+        return trial
+
+    # ------------------------------------------------------------------ reading
+    def _select(self, *where: Any) -> list[Trial]:
+        query = sa.select(_trials).where(_trials.c.run_id == self.run_id, *where).order_by(_trials.c.number)
+        with self.engine.connect() as c:
+            return [_row_to_trial(r) for r in c.execute(query)]
+
+    def trials(self, status: str | Sequence[str] | None = None) -> list[Trial]:
+        """Every evaluation in order (or those of the given status(es))."""
+        if status is None:
+            return self._select()
+        statuses = [status] if isinstance(status, str) else list(status)
+        return self._select(_trials.c.status.in_(statuses))
+
+    def __iter__(self) -> Iterator[Trial]:
+        return iter(self.trials())
+
+    def __len__(self) -> int:
+        return self.count()
+
+    def count(self, status: str | None = None) -> int:
+        query = sa.select(sa.func.count()).select_from(_trials).where(_trials.c.run_id == self.run_id)
+        if status is not None:
+            query = query.where(_trials.c.status == status)
+        with self.engine.connect() as c:
+            return int(c.execute(query).scalar_one())
+
+    def trial(self, number: int) -> Trial:
+        found = self._select(_trials.c.number == int(number))
+        if not found:
+            raise ArchiveError(f"run {self.run_id}: no trial {number} (it has {self.count()})")
+        return found[0]
+
+    def by_candidate(self, candidate_id: int) -> Trial | None:
+        found = self._select(_trials.c.candidate_id == int(candidate_id))
+        return found[0] if found else None
+
+    def by_recipe(self, key: str) -> Trial | None:
+        """The evaluation (complete or failed, never a duplicate) of the recipe with this key."""
+        found = self._select(_trials.c.recipe_key == key, _trials.c.status != "duplicate")
+        return found[0] if found else None
+
+    def best(self, k: int | None = None) -> Trial | None | list[Trial]:
+        """The completed trial with the largest scalar objective (the first on ties); with
+        ``k``, the k best, best first."""
+        done = sorted(self.trials("complete"), key=lambda t: (-t.scalar, t.number))
+        if k is not None:
+            return done[:k]
+        return done[0] if done else None
+
+    def pareto_front(self) -> list[Trial]:
+        """Completed trials that no other completed trial dominates on the objectives (each
+        in its own direction), in trial order; a recipe repeated as a duplicate counts once."""
+        signs = {o["name"]: (-1.0 if o["direction"] == "max" else 1.0) for o in self.info["objectives"]}
+        done = [t for t in self.trials("complete") if set(signs) <= set(t.objectives)]
+        values = [[signs[n] * float(t.objectives[n]) for n in signs] for t in done]
+        return [t for i, t in enumerate(done)
+                if not any(_dominates(values[j], values[i]) for j in range(len(done)) if j != i)]
+
+
+def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """RUN_DIR/config.yaml as plain data (ArchiveError if absent or unreadable)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ArchiveError(f"{Path(run_dir)} is not a search run directory (no {CONFIG_FILE})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ArchiveError(f"{path}: not readable YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ArchiveError(f"{path}: expected a mapping")
+    return data
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "the database URL"

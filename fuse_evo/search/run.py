@@ -1,0 +1,593 @@
+"""``fuse-evo search``: the single-machine search loop, with checkpoints and resume.
+
+ask -> decode -> (a recipe scored before: tell its result) -> materialize + evaluate on a
+worker -> objectives -> archive commit -> tell -> strategy state written atomically.
+
+The run directory ``run.dir`` holds
+
+- ``config.yaml``: the resolved config (with ``run.id``, the run's id in the database);
+- ``archive.db``: the SQLite archive (``fuse_evo.search.archive``; absent with ``run.db_url``),
+  with an Optuna study mirroring it for ``optuna-dashboard`` (``run.dashboard``);
+- ``strategy.pkl``: the strategy's state (``Strategy.state_dict``), replaced atomically after
+  every ask and every tell;
+- ``search.log``: the log, appended to by every start and resume.
+
+Resume: the same command on the same run directory. The stored config must equal the new
+one but for resume-safe keys (``run.budget`` and the like); completed evaluations are read,
+never re-run; candidates that were in flight (asked, not told) are re-dispatched, or, if
+their evaluation reached the archive before the crash, told from it. Every evaluation is
+committed before the strategy is told, and the strategy's state after every ask and tell, so
+no crash loses or repeats one.
+
+The budget counts archive rows: every candidate told (scored, failed, or a repeat of a
+recipe already scored, which costs no evaluation but one ask). A run that reached it says so
+and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import sys
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+
+from ..errors import ConfigError, FuseEvoError
+from ..recipe import Recipe
+from .archive import CONFIG_FILE, DB_FILE, Archive, Trial, default_url
+from .config import ModelsConfig, SearchCommand
+from .scheduler import Job, Result, Scheduler, SerialScheduler, WorkerSpec
+from .space import SearchSpace, SpaceError
+from .strategies import Candidate, Strategy, StrategyError, StudyMirror, make_strategy
+
+log = logging.getLogger("fuse_evo.search")
+trial_log = logging.getLogger("fuse_evo.search.trials")  # per-evaluation lines: the log file only
+
+STRATEGY_FILE = "strategy.pkl"
+LOG_FILE = "search.log"
+OUR_FILES = (CONFIG_FILE, DB_FILE, STRATEGY_FILE, LOG_FILE)
+CHECKPOINT_FORMAT = 1
+# keys that may change between a run and its resume without changing what is searched
+RESUME_SAFE = ("run.budget", "strategy.budget", "run.overwrite", "run.progress", "run.id", "run.dir",
+               "run.threads", "run.dashboard")
+
+
+class RunDirError(FuseEvoError):
+    """A run directory that holds another experiment, or a checkpoint that cannot continue."""
+
+
+@dataclass
+class SearchResult:
+    run_dir: Path
+    run_id: str
+    evaluations: int
+    budget: int
+    best: Trial | None
+    resumed: bool
+    already_done: bool
+
+
+# ---------------------------------------------------------------------------- config
+def command_yaml(cmd: SearchCommand) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cmd), resolve=True)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        if not data and prefix:
+            out[prefix[:-1]] = {}
+        return out
+    return {prefix[:-1]: data}
+
+
+def config_differences(stored: dict[str, Any], new: dict[str, Any], ignore=RESUME_SAFE) -> list[str]:
+    """``key: stored -> new`` for every key that differs, resume-safe keys left out."""
+    a, b = _flatten(stored), _flatten(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key in ignore or any(key.startswith(f"{k}.") for k in ignore):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            out.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------- models
+@dataclass
+class Models:
+    base: str
+    sources: dict[str, str]
+    zoo_dir: str | None = None
+    task_dir: str | None = None
+
+
+def resolve_models(cfg: ModelsConfig, progress: bool) -> Models:
+    """The base and source folders: from the zoo (built if missing) or given explicitly."""
+    if cfg.zoo is not None:
+        if cfg.base is not None:
+            raise ConfigError("models: give a zoo (models.zoo) or a base (models.base), not both")
+        from ..zoo.build import build_zoo
+
+        manifest = build_zoo(cfg.zoo, progress=progress)
+        zoo_models = manifest["models"]
+        specialists = [n for n, m in zoo_models.items() if m.get("skill")]
+        sources: dict[str, str] = {}
+        for name, path in (cfg.sources or {n: None for n in specialists}).items():
+            if path is None:
+                if name not in zoo_models or name == manifest["base"]:
+                    raise ConfigError(f"models.sources.{name}: the zoo has no such specialist ({specialists})")
+                path = zoo_models[name]["path"]
+            sources[name] = str(path)
+        return Models(zoo_models[manifest["base"]]["path"], sources,
+                      str(Path(manifest["task_dir"]).parent), manifest["task_dir"])
+    if not cfg.base:
+        raise ConfigError("models.base: name the base model (a folder or hub id), or use a zoo (models=zoo_tiny)")
+    if not cfg.sources:
+        raise ConfigError("models.sources: name the fine-tuned models to merge ({name: folder or hub id})")
+    missing = [n for n, p in cfg.sources.items() if not p]
+    if missing:
+        raise ConfigError(f"models.sources.{missing[0]}: no path given (only a zoo fills paths in)")
+    return Models(str(cfg.base), {n: str(p) for n, p in cfg.sources.items()})
+
+
+def _base_config(base: str) -> dict[str, Any]:
+    from ..models import resolve
+
+    folder = resolve("base", base)
+    path = folder / "config.json"
+    if not path.exists():
+        raise FuseEvoError(f"models.base: {folder} has no config.json")
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------- run directory
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _prepare_run_dir(cmd: SearchCommand) -> tuple[Path, str, bool, dict[str, Any] | None]:
+    """(run dir, run id, resumed?, stored config) after refusing a directory that holds
+    another experiment (unless run.overwrite) and clearing it when overwriting."""
+    run_dir = Path(cmd.run.dir).expanduser().resolve()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run.dir {run_dir} is a file")
+    stored_path = run_dir / CONFIG_FILE
+    new = yaml.safe_load(command_yaml(cmd))
+    if stored_path.exists():
+        try:
+            stored = yaml.safe_load(stored_path.read_text())
+        except yaml.YAMLError as e:
+            stored = None
+            if not cmd.run.overwrite:
+                raise RunDirError(f"run.dir {run_dir}: {CONFIG_FILE} is unreadable ({e}); "
+                                  "pass run.overwrite=true to start afresh") from None
+        if cmd.run.overwrite:
+            _clear(run_dir, stored)
+            return run_dir, cmd.run.id or uuid.uuid4().hex[:12], False, None
+        diffs = config_differences(stored, new)
+        if diffs and not (run_dir / STRATEGY_FILE).exists():
+            # nothing was ever asked (the first start stopped before its first candidate):
+            # there is nothing to keep
+            log.info("run.dir %s: the earlier start never asked a candidate; starting afresh", run_dir)
+            _clear(run_dir, stored)
+            return run_dir, cmd.run.id or uuid.uuid4().hex[:12], False, None
+        if diffs:
+            shown = "; ".join(diffs[:8]) + (f"; ... ({len(diffs)} keys)" if len(diffs) > 8 else "")
+            raise RunDirError(
+                f"run.dir {run_dir} holds another experiment ({stored.get('name')!r}); it differs in {shown}. "
+                "Resume it with its own config, choose another run.dir, or pass run.overwrite=true to start afresh"
+            )
+        run_id = (stored.get("run") or {}).get("id")
+        if not run_id:
+            raise RunDirError(f"run.dir {run_dir}: {CONFIG_FILE} has no run.id; pass run.overwrite=true to start afresh")
+        if cmd.run.id and cmd.run.id != run_id:
+            raise RunDirError(f"run.id: {cmd.run.id!r}, but {run_dir} holds run {run_id!r}")
+        return run_dir, run_id, True, stored
+    if run_dir.is_dir():
+        ours = [n for n in (DB_FILE, STRATEGY_FILE) if (run_dir / n).exists()]
+        others = sorted(p.name for p in run_dir.iterdir() if p.name not in OUR_FILES and not p.name.startswith("."))
+        if ours and not cmd.run.overwrite:
+            raise RunDirError(f"run.dir {run_dir} holds {ours} but no {CONFIG_FILE}: not a run that can resume; "
+                              "pass run.overwrite=true to start afresh")
+        if others and not cmd.run.overwrite:
+            raise RunDirError(f"run.dir {run_dir} is not empty and holds no search (found {others[:5]}); choose "
+                              "another run.dir, or pass run.overwrite=true to write the run beside those files")
+        if ours:
+            _clear(run_dir, None)
+    return run_dir, cmd.run.id or uuid.uuid4().hex[:12], False, None
+
+
+def _clear(run_dir: Path, stored: dict[str, Any] | None) -> None:
+    """Remove a run's files (and its rows in a shared database)."""
+    run = (stored or {}).get("run") or {}
+    if run.get("db_url") and run.get("id"):
+        try:
+            with Archive(run["db_url"], run["id"], create=True) as old:
+                old.delete_run()
+        except FuseEvoError as e:
+            log.warning("could not remove run %s from %s: %s", run["id"], run["db_url"], e)
+    for name in OUR_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for p in run_dir.glob(f".{STRATEGY_FILE}.tmp"):
+        p.unlink()
+    log.info("run.overwrite: cleared %s", run_dir)
+
+
+class _LogTo:
+    """Log (fuse_evo's INFO and the per-trial lines) to RUN_DIR/search.log for the run."""
+
+    def __init__(self, path: Path):
+        self.handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.handler.setLevel(logging.INFO)
+        self.package = logging.getLogger("fuse_evo")
+
+    def __enter__(self) -> "_LogTo":
+        self._level = self.package.level
+        if self.package.getEffectiveLevel() > logging.INFO:
+            self.package.setLevel(logging.INFO)
+        self.package.addHandler(self.handler)
+        trial_log.propagate = False
+        trial_log.setLevel(logging.INFO)
+        trial_log.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.package.removeHandler(self.handler)
+        trial_log.removeHandler(self.handler)
+        self.package.setLevel(self._level)
+        self.handler.close()
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def save_checkpoint(run_dir: Path, run_id: str, strategy: Strategy) -> None:
+    state = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "saved": time.time(), "strategy": strategy.state_dict()}
+    _atomic_write(run_dir / STRATEGY_FILE, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def load_checkpoint(run_dir: Path, run_id: str, strategy: Strategy) -> None:
+    path = run_dir / STRATEGY_FILE
+    try:
+        state = pickle.loads(path.read_bytes())
+    except Exception as e:
+        raise RunDirError(f"{path} is corrupted ({type(e).__name__}: {e}); pass run.overwrite=true to start afresh") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "strategy" not in state:
+        raise RunDirError(f"{path}: not a fuse-evo strategy checkpoint of format {CHECKPOINT_FORMAT}")
+    if state.get("run_id") != run_id:
+        raise RunDirError(f"{path} belongs to run {state.get('run_id')!r}, this run is {run_id!r}")
+    try:
+        strategy.load_state_dict(state["strategy"])
+    except StrategyError as e:
+        raise RunDirError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError, pickle.UnpicklingError, AttributeError) as e:
+        raise RunDirError(f"{path}: the strategy state is damaged ({type(e).__name__}: {e})") from None
+
+
+# ---------------------------------------------------------------------------- the loop
+class Search:
+    """One run: prepared by the constructor (nothing evaluated yet), driven by ``run()``."""
+
+    def __init__(self, cmd: SearchCommand, scheduler_factory=None):
+        self.cmd = cmd
+        self._scheduler_factory = scheduler_factory or SerialScheduler
+        self.run_dir, self.run_id, self.resumed, stored = _prepare_run_dir(cmd)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._stack = ExitStack()
+        self._stack.enter_context(_LogTo(self.run_dir / LOG_FILE))
+        try:
+            self._setup(stored)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _setup(self, stored: dict[str, Any] | None) -> None:
+        cmd = self.cmd
+        self.budget = int(cmd.run.budget)
+        if self.budget < 1:
+            raise ConfigError(f"run.budget: must be at least 1, got {cmd.run.budget}")
+        run = replace(cmd.run, id=self.run_id)
+        self.cmd = cmd = replace(cmd, run=run)
+        self.config_yaml = command_yaml(cmd)
+        log.info("%s run %s in %s (%s)", "resuming" if self.resumed else "starting", self.run_id, self.run_dir, cmd.name)
+
+        self.models = resolve_models(cmd.models, progress=cmd.run.progress)
+        space_cfg = cmd.space
+        if not space_cfg.models:
+            space_cfg = replace(space_cfg, models=list(self.models.sources))
+        unknown = [m for m in space_cfg.models if m not in self.models.sources]
+        if unknown:
+            raise ConfigError(f"space.models: {unknown} are not source models (models: {list(self.models.sources)})")
+        self.space = SearchSpace(space_cfg, _base_config(self.models.base))
+
+        from ..evaluate.objectives import Objectives
+
+        self.objectives = Objectives(cmd.evaluator.objectives, prefix="evaluator.objectives")
+        n_obj = cmd.strategy.num_objectives
+        if n_obj not in (1, len(self.objectives)):
+            raise ConfigError(f"strategy.num_objectives: {n_obj}; use 1 (the weighted sum of the objectives) or "
+                              f"{len(self.objectives)} (each of {self.objectives.names})")
+        evaluator = cmd.evaluator
+        if not evaluator.include_path and self.models.task_dir:
+            evaluator = replace(evaluator, include_path=[self.models.task_dir])
+        if not evaluator.tasks:
+            raise ConfigError("evaluator.tasks: name the lm-eval tasks that score a candidate")
+        self.worker_spec = WorkerSpec(
+            base=self.models.base, sources={m: self.models.sources[m] for m in space_cfg.models},
+            evaluator=evaluator, base_name=space_cfg.base, allow_pickle=cmd.models.allow_pickle,
+            trust_remote_code=cmd.models.trust_remote_code, device=cmd.run.device, dtype=cmd.run.dtype,
+            threads=cmd.run.threads,
+        )
+
+        strategy_cfg = cmd.strategy
+        if self.resumed and stored is not None:  # the optimizer planned for its first budget
+            strategy_cfg = replace(strategy_cfg, budget=int((stored.get("strategy") or {}).get("budget", strategy_cfg.budget)))
+        self.strategy = make_strategy(strategy_cfg, self.space)
+        self._stack.callback(self.strategy.close)
+
+        url = cmd.run.db_url or default_url(self.run_dir)
+        self.archive = Archive(url, self.run_id, create=True)
+        self._stack.callback(self.archive.close)
+        self.archive.start_run(cmd.name, self.config_yaml, self._info())
+        _atomic_write(self.run_dir / CONFIG_FILE, self.config_yaml.encode())
+
+        checkpoint = self.run_dir / STRATEGY_FILE
+        n_rows = self.archive.count()
+        if checkpoint.exists():
+            load_checkpoint(self.run_dir, self.run_id, self.strategy)
+        elif n_rows:
+            raise RunDirError(f"run.dir {self.run_dir}: the archive holds {n_rows} evaluations but {STRATEGY_FILE} "
+                              "is missing, so the strategy cannot continue; pass run.overwrite=true to start afresh")
+        self._check_consistent(n_rows)
+
+        self.mirror = None
+        if cmd.run.dashboard:
+            directions = [(o.name, o.direction) for o in self.objectives] if self.strategy.multi_objective else None
+            self.mirror = StudyMirror(url, f"{cmd.name}-{self.run_id}", self.space, directions)
+            added = self.mirror.sync(self.archive.trials())
+            if added:
+                log.info("dashboard study caught up with %d archived evaluations", added)
+
+    def _info(self) -> dict[str, Any]:
+        s, m = self.cmd.strategy, self.models
+        return {
+            "name": self.cmd.name,
+            "run_id": self.run_id,
+            "base": self.space.base,
+            "sources": {self.space.base: m.base, **{n: m.sources[n] for n in self.space.models}},
+            "zoo": None if m.zoo_dir is None else {"dir": m.zoo_dir, "manifest": str(Path(m.zoo_dir) / "zoo.json"),
+                                                   "task_dir": m.task_dir},
+            "method": self.space.method,
+            "genes": self.space.names,
+            "lower": self.space.lower.tolist(),
+            "upper": self.space.upper.tolist(),
+            "objectives": [{"name": o.name, "direction": o.direction, "weight": o.weight, "metric":
+                            None if o.task is None else f"{o.task}/{o.metric}", "cost": o.cost} for o in self.objectives],
+            "scalar": "sum of weight x objective (signed: larger is better)",
+            "strategy": self.strategy.name,
+            "multi_objective": self.strategy.multi_objective,
+            "seed": self.cmd.seed,
+            "budget": self.budget,
+            "tasks": list(self.worker_spec.evaluator.tasks),
+            "include_path": list(self.worker_spec.evaluator.include_path),
+        }
+
+    def _check_consistent(self, n_rows: int) -> None:
+        """The archive and the checkpoint must tell one story; then tell the strategy what
+        the archive holds for candidates still pending in the checkpoint."""
+        pending = {c.id: c for c in self.strategy.pending()}
+        archived_pending = 0
+        for trial in self.archive.trials():
+            if trial.candidate_id in pending:
+                archived_pending += 1
+        # rows of candidates the checkpoint never heard of (an older checkpoint), or told
+        # candidates missing from the archive (another archive), break this count
+        if n_rows != self.strategy.n_told + archived_pending:
+            raise RunDirError(f"run.dir {self.run_dir}: the strategy checkpoint was told {self.strategy.n_told} "
+                              f"evaluations, the archive holds {n_rows - archived_pending} told ones; {STRATEGY_FILE} "
+                              "and the archive do not belong together; pass run.overwrite=true to start afresh")
+        for cid, candidate in sorted(pending.items()):
+            trial = self.archive.by_candidate(cid)
+            if trial is None:
+                continue
+            try:
+                genome = self.space.validate(trial.genome)
+            except SpaceError as e:
+                raise RunDirError(f"archive trial {trial.number}: {e}") from None
+            if not (genome == candidate.genome).all():
+                raise RunDirError(f"archive trial {trial.number} has another genome than candidate {cid} of "
+                                  f"{STRATEGY_FILE}; the archive and the checkpoint do not belong together")
+            self._tell(candidate, trial)
+            log.info("candidate %d was archived before the interruption (trial %d): told, not re-run", cid, trial.number)
+
+    # ------------------------------------------------------------------ telling
+    def _losses(self, objectives: dict[str, float]) -> list[float]:
+        if self.strategy.multi_objective:
+            return self.objectives.losses(objectives)
+        return [-self.objectives.scalar(objectives)]
+
+    def _tell(self, candidate: Candidate, trial: Trial) -> None:
+        if trial.ok:
+            self.strategy.tell(candidate, trial.losses)
+        else:
+            self.strategy.tell(candidate, failed=True)
+        save_checkpoint(self.run_dir, self.run_id, self.strategy)
+
+    def _record(self, candidate: Candidate, recipe: Recipe | None, status: str, *, result: Result | None = None,
+                original: Trial | None = None, error: str | None = None) -> Trial:
+        """Archive one candidate (one transaction), then tell the strategy and checkpoint."""
+        now = time.time()
+        trial = Trial(
+            number=-1, candidate_id=candidate.id, status=status, genome=candidate.genome.tolist(),
+            recipe={} if recipe is None else recipe.to_dict(), recipe_key="" if recipe is None else recipe.key,
+            seed=self.space.config.seed if recipe is None else recipe.seed, started=now, finished=now, error=error,
+        )
+        if result is not None:
+            trial.metrics, trial.objectives, trial.error = result.metrics, result.objectives, result.error
+            trial.worker, trial.started, trial.finished, trial.timings = (result.worker, result.started,
+                                                                           result.finished, result.timings)
+        elif original is not None:
+            trial.metrics, trial.objectives, trial.error = original.metrics, original.objectives, original.error
+            trial.duplicate_of = original.number
+            if original.status == "failed" or (original.status == "duplicate" and not original.ok):
+                trial.objectives = {}
+        if trial.objectives and status != "failed":
+            trial.losses = self._losses(trial.objectives)
+            trial.scalar = self.objectives.scalar(trial.objectives)
+        self.archive.record(trial)
+        self._tell(candidate, trial)
+        if self.mirror is not None:
+            try:
+                self.mirror.add(trial)
+            except Exception as e:  # the dashboard is a view: it catches up on resume
+                log.warning("dashboard mirror: trial %d not mirrored (%s: %s)", trial.number, type(e).__name__, e)
+        self._after(trial)
+        return trial
+
+    def _after(self, trial: Trial) -> None:
+        if trial.ok and (self.best is None or trial.scalar > self.best.scalar):
+            self.best = trial
+        if trial.status == "failed":
+            self.n_failed += 1
+        t = trial.timings
+        trial_log.info(
+            "trial %d (candidate %d) %s%s%s%s", trial.number, trial.candidate_id, trial.status,
+            f" of trial {trial.duplicate_of}" if trial.duplicate_of is not None else "",
+            f" scalar {trial.scalar:.4f} {json.dumps({k: round(v, 4) for k, v in trial.objectives.items()})}"
+            if trial.scalar is not None else "",
+            (f" merge {t.get('merge', 0):.3f}s score {t.get('score', 0):.3f}s" if t else "")
+            + (f": {trial.error}" if trial.error else ""),
+        )
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(self._postfix(), refresh=False)
+
+    def _postfix(self) -> str:
+        best = "-" if self.best is None else f"{self.best.scalar:.4f}"
+        return f"best {best}" + (f", failed {self.n_failed}" if self.n_failed else "")
+
+    # ------------------------------------------------------------------ running
+    def _decode(self, candidate: Candidate) -> tuple[Recipe | None, str | None]:
+        try:
+            return self.space.decode(candidate.genome), None
+        except (SpaceError, FuseEvoError, ValueError) as e:
+            return None, f"{type(e).__name__}: {e}"
+
+    def run(self) -> SearchResult:
+        try:
+            return self._run()
+        finally:
+            self._stack.close()
+
+    def _run(self) -> SearchResult:
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        done = self.archive.count()
+        self.best = self.archive.best()
+        self.n_failed = self.archive.count("failed")
+        self.bar = None
+        if done >= self.budget:
+            msg = (f"run {self.run_id} in {self.run_dir} reached its budget: {done} of {self.budget} evaluations "
+                   "done; raise run.budget to continue it")
+            log.info(msg)
+            return self._result(done, already_done=True, message=msg)
+        if self.resumed:
+            pending = self.strategy.pending()
+            log.info("resuming at %d of %d evaluations%s", done, self.budget,
+                     f"; re-dispatching {len(pending)} candidate(s) that were in flight" if pending else "")
+
+        scheduler: Scheduler = self._scheduler_factory(self.worker_spec)  # models and tasks checked here
+        self._stack.callback(scheduler.close)
+        redispatch = sorted(self.strategy.pending(), key=lambda c: c.id)
+        in_flight: dict[int, tuple[Candidate, Recipe]] = {}
+        held: dict[str, list[Candidate]] = {}  # same recipe as one in flight: told its result
+
+        with ExitStack() as ui:
+            if self.cmd.run.progress:
+                ui.enter_context(logging_redirect_tqdm())
+                self.bar = ui.enter_context(tqdm(total=self.budget, initial=done, desc=self.cmd.name, unit="eval",
+                                                 dynamic_ncols=True, file=sys.stderr))
+                self.bar.set_postfix_str(self._postfix())
+            while True:
+                done = self.archive.count()
+                waiting = len(in_flight) + sum(len(v) for v in held.values())
+                if done >= self.budget and not waiting:
+                    break
+                while scheduler.free() > 0 and done + len(in_flight) + sum(len(v) for v in held.values()) < self.budget:
+                    if redispatch:
+                        candidate = redispatch.pop(0)
+                    else:
+                        candidate = self.strategy.ask()
+                        save_checkpoint(self.run_dir, self.run_id, self.strategy)
+                    recipe, error = self._decode(candidate)
+                    if recipe is None:
+                        self._record(candidate, None, "failed", error=error)
+                        done += 1
+                        continue
+                    original = self.archive.by_recipe(recipe.key)
+                    if original is not None:
+                        self._record(candidate, recipe, "duplicate", original=original)
+                        done += 1
+                        continue
+                    if any(r.key == recipe.key for _, r in in_flight.values()):
+                        held.setdefault(recipe.key, []).append(candidate)
+                        continue
+                    in_flight[candidate.id] = (candidate, recipe)
+                    scheduler.submit(Job(candidate.id, recipe.to_dict(), recipe.key))
+                if not in_flight:
+                    continue
+                for result in scheduler.wait():
+                    candidate, recipe = in_flight.pop(result.candidate_id)
+                    trial = self._record(candidate, recipe, result.status, result=result)
+                    for twin in held.pop(recipe.key, []):
+                        self._record(twin, recipe, "duplicate", original=trial)
+        done = self.archive.count()
+        log.info("run %s finished its budget: %d evaluations%s", self.run_id, done,
+                 "" if self.best is None else f"; best trial {self.best.number}, scalar {self.best.scalar:.4f} "
+                 f"{json.dumps({k: round(v, 4) for k, v in self.best.objectives.items()})}")
+        return self._result(done, already_done=False)
+
+    def _result(self, done: int, already_done: bool, message: str | None = None) -> SearchResult:
+        return SearchResult(self.run_dir, self.run_id, done, self.budget, self.archive.best(), self.resumed, already_done)
+
+
+def run_search(cmd: SearchCommand, scheduler_factory=None) -> SearchResult:
+    """Start or resume the search ``cmd`` describes; returns when its budget is reached."""
+    return Search(cmd, scheduler_factory).run()
+
+
+def summary(result: SearchResult) -> str:
+    """What the command prints when it ends."""
+    lines = []
+    if result.already_done:
+        lines.append(f"run {result.run_id} already reached its budget ({result.evaluations} of {result.budget} "
+                     "evaluations); raise run.budget to continue it")
+    else:
+        lines.append(f"run {result.run_id}: {result.evaluations} of {result.budget} evaluations"
+                     + (" (resumed)" if result.resumed else ""))
+    best = result.best
+    if best is None:
+        lines.append("no candidate scored (see search.log)")
+    else:
+        objectives = ", ".join(f"{k} {v:.4f}" for k, v in best.objectives.items())
+        lines.append(f"best: trial {best.number}, scalar {best.scalar:.4f} ({objectives}); recipe {best.recipe_key}")
+    lines.append(f"run dir: {result.run_dir} (config.yaml, archive.db, strategy.pkl, search.log)")
+    return "\n".join(lines)
