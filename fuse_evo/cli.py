@@ -57,7 +57,21 @@ COMMANDS: dict[str, tuple[str, Callable[[DictConfig], None], str]] = {
 FLAG_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "merge": (lambda argv: _merge(argv), "merge models from a recipe or a mergekit YAML into an HF folder"),
     "eval": (lambda argv: _eval(argv), "score an HF model folder with lm-eval tasks (the search's evaluator)"),
+    "export": (lambda argv: _export(argv), "write a searched recipe (best or trial:N) as an HF folder with its scores"),
+    "report": (lambda argv: _report(argv), "summarize a search: held-out table, convergence and coefficient plots"),
 }
+
+
+def _export(argv: list[str]) -> int:
+    from .search.export import main as export_main
+
+    return export_main(argv)
+
+
+def _report(argv: list[str]) -> int:
+    from .search.report import main as report_main
+
+    return report_main(argv)
 
 
 def _eval(argv: list[str]) -> int:

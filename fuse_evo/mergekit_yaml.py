@@ -200,3 +200,88 @@ def _compact(pool: ModelPool, per_tensor: dict[str, dict[str, dict[str, float]]]
             if frozen[n] != common:
                 groups[f"tensor:{n}"] = per_tensor[n]
     return groups
+
+
+# ---------------------------------------------------------------------------- recipe -> mergekit
+def _gradient(values: list[float]) -> Any:
+    """One value when all agree, else a gradient with one point per layer."""
+    return values[0] if all(v == values[0] for v in values) else list(values)
+
+
+def recipe_to_mergekit(
+    recipe: Recipe, sources: Mapping[str, str], pool: ModelPool, dtype: str | None = None
+) -> dict[str, Any] | None:
+    """The mergekit config that makes the same merge as ``recipe``, or None when mergekit
+    cannot say it: ``tensor:`` groups, an attention half and an MLP half of one layer that
+    differ, a ``consensus`` parameter, or sources whose folder names collide.
+
+    A per-layer value becomes a gradient with one point per layer (layer i sits exactly at
+    point i); the embedding, final norm and head, which mergekit places at t = 0, get
+    ``filter`` conditions on their exact tensor names when they differ from layer 0.
+    ``to_recipe(parse(config), pool)`` resolves every tensor to the values ``recipe`` gives.
+    """
+    if any(k.startswith("tensor:") for k in recipe.groups) or "consensus" in recipe.parameters:
+        return None
+    refs = {m: str(sources[m]) for m in (recipe.base, *recipe.models) if m in sources}
+    if len(refs) != len(recipe.models) + 1:
+        return None
+    stems = [Path(refs[m].rstrip("/")).name for m in recipe.models]
+    if len(set(stems)) != len(stems) or "base" in stems:
+        return None  # mergekit names models by folder: the names would not come back
+    n = pool.num_layers
+    layers: dict[int, dict[str, Any]] = {}
+    others: dict[str, Any] = {}  # tensor name -> group (embed, norm, head)
+    for name, group in pool.groups.items():
+        if group.kind == "layer":
+            layers.setdefault(group.layer, {}).setdefault(group.part, group)
+        else:
+            others[name] = group
+    if sorted(layers) != list(range(n)):
+        return None
+
+    def setting(model: str, key: str) -> Any:
+        def value(group) -> float | None:
+            v = recipe.model_params(group, model).get(key)
+            if v is None:
+                v = PER_MODEL_DEFAULTS.get(key)
+            return None if v is None else float(v)
+
+        per_layer: list[float] = []
+        for i in range(n):
+            parts = {value(g) for g in layers[i].values()}
+            if len(parts) != 1 or None in parts:
+                raise _NotExpressible
+            per_layer.append(parts.pop())
+        default = _gradient(per_layer)
+        conditions = []
+        for name, group in others.items():
+            v = value(group)
+            if v is None:
+                raise _NotExpressible
+            if v != per_layer[0]:
+                conditions.append({"filter": name, "value": v})
+        return [*conditions, {"value": default}] if conditions else default
+
+    try:
+        models = []
+        for model, ref in zip(recipe.models, stems):
+            params = {k: setting(model, k) for k in PER_MODEL_PARAMS[recipe.method]}
+            entry: dict[str, Any] = {"model": refs[model]}
+            if params:
+                entry["parameters"] = params
+            models.append(entry)
+        parameters = {k: v for k, v in recipe.parameters.items() if k in SHARED}
+        if recipe.method == "slerp":
+            parameters["t"] = setting("*", "t")
+    except _NotExpressible:
+        return None
+    config: dict[str, Any] = {"merge_method": recipe.method, "base_model": refs[recipe.base], "models": models}
+    if parameters:
+        config["parameters"] = parameters
+    if dtype:
+        config["dtype"] = dtype
+    return config
+
+
+class _NotExpressible(Exception):
+    pass

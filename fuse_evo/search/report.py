@@ -1,0 +1,220 @@
+"""``fuse-evo report RUN_DIR``: what a search found, under ``RUN_DIR/report/``.
+
+- ``summary.json``: evaluations completed, failed, deduplicated, the budget, the best trial
+  and its search and held-out scores, and the held-out table's rows;
+- ``summary.md``: the table (also printed): the best recipe vs every source model (and the
+  base) vs the best uniform merge, on the held-out split (``fuse_evo.search.export``'s plan);
+  the uniform merge comes from the zoo's ``zoo.json`` when the run used a zoo, else it is
+  left out with a note;
+- ``convergence.png``: best-so-far scalar objective vs evaluations (every trial as a dot);
+- ``coefficients.png``: the best recipe's per-layer coefficients, one line per source model
+  and parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import FuseEvoError
+from .archive import Archive, Trial
+from .export import LiveMerge, heldout_plan
+
+REPORT_DIR = "report"
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def counts(archive: Archive) -> dict[str, int]:
+    return {"evaluations": archive.count(), "completed": archive.count("complete"),
+            "failed": archive.count("failed"), "deduplicated": archive.count("duplicate")}
+
+
+def convergence_plot(trials: list[Trial], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs, ys, best, bx, by = [], [], None, [], []
+    for t in trials:
+        if t.ok:
+            xs.append(t.number + 1)
+            ys.append(t.scalar)
+            best = t.scalar if best is None else max(best, t.scalar)
+        if best is not None:
+            bx.append(t.number + 1)
+            by.append(best)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(xs, ys, s=10, alpha=0.4, label="trial")
+    ax.step(bx, by, where="post", color="C3", label="best so far")
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("scalar objective (larger is better)")
+    ax.set_title("convergence")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def layer_coefficients(recipe, num_layers: int) -> dict[str, list[float]]:
+    """``{"MODEL weight": [layer 0, 1, ...]}`` (the attention half; the MLP half as its own
+    series where it differs)."""
+    from ..models import TensorGroup
+    from ..recipe import PER_MODEL_PARAMS
+
+    series: dict[str, list[float]] = {}
+    keys = PER_MODEL_PARAMS.get(recipe.method) or ()
+    models = [(m, k) for m in recipe.models for k in keys] or [("*", "t")]
+    for model, key in models:
+        for part in ("attn", "mlp"):
+            values = [recipe.model_params(TensorGroup("layer", i, part), model).get(key) for i in range(num_layers)]
+            if any(v is None for v in values):
+                continue
+            label = f"{model} {key}" if model != "*" else key
+            if part == "mlp" and series.get(label) == values:
+                continue
+            series[label if part == "attn" else f"{label} (mlp)"] = [float(v) for v in values]
+    return series
+
+
+def coefficients_plot(series: dict[str, list[float]], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, values in series.items():
+        ax.plot(range(len(values)), values, marker="o", label=label)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("coefficient")
+    ax.set_title(title)
+    if series:
+        ax.legend(fontsize=7)
+        n = max(len(v) for v in series.values())
+        ax.set_xticks(range(n))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _uniform_row(info: dict[str, Any], names: list[str]) -> tuple[dict[str, Any] | None, str | None]:
+    """The zoo's best uniform task-arithmetic merge on its held-out split, keyed by the run's
+    objective names."""
+    zoo = info.get("zoo") or {}
+    manifest_path = Path(zoo.get("manifest") or "")
+    if not zoo or not manifest_path.is_file():
+        return None, "no uniform-merge baseline: the run did not use a zoo"
+    manifest = json.loads(manifest_path.read_text())
+    best = manifest["uniform_merges"]["task_arithmetic"]
+    skill_of = {v: skill for skill, tasks in manifest.get("tasks", {}).items() for v in tasks.values()}
+    scores: dict[str, float] = {}
+    for o in info.get("objectives") or []:
+        task = (o.get("metric") or "").partition("/")[0]
+        skill = skill_of.get(task)
+        if skill is not None and skill in best["best"]["scores"]:
+            scores[o["name"]] = best["best"]["scores"][skill]
+    return ({"name": f"uniform task_arithmetic x{best['best_scale']:g} (zoo.json)", "objectives": scores},
+            None if len(scores) == len(names) else "the zoo's uniform merge lacks some objectives")
+
+
+def _table(rows: list[dict[str, Any]], names: list[str]) -> str:
+    lines = ["| model | " + " | ".join(names) + " | scalar |", "| --- |" + " --- |" * (len(names) + 1)]
+    for r in rows:
+        cells = [f"{r['objectives'][n]:.4f}" if n in r["objectives"] else "-" for n in names]
+        scalar = "-" if r.get("scalar") is None else f"{r['scalar']:.4f}"
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {scalar} |")
+    return "\n".join(lines)
+
+
+def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = None) -> dict[str, Any]:
+    from .export import scalar_of
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    out = run_dir / REPORT_DIR
+    with Archive.open(run_dir) as archive:
+        info = archive.info
+        trials = archive.trials()
+        best = archive.best()
+        summary: dict[str, Any] = {"run_id": archive.run_id, "name": info.get("name"), **counts(archive),
+                                   "budget": info.get("budget"), "strategy": info.get("strategy"),
+                                   "best": None, "heldout": None, "notes": []}
+        out.mkdir(parents=True, exist_ok=True)
+        convergence_plot(trials, out / "convergence.png")
+        names = [o["name"] for o in info.get("objectives") or []]
+        rows: list[dict[str, Any]] = []
+        if best is None:
+            summary["notes"].append("no trial completed: no best recipe, no held-out table")
+        else:
+            summary["best"] = {"trial": best.number, "recipe_key": best.recipe_key, "scalar": best.scalar,
+                               "objectives": best.objectives, "metrics": best.metrics, "recipe": best.recipe}
+            live = LiveMerge(archive, device=device) if heldout else None
+            num_layers = live.pool.num_layers if live is not None else _num_layers(info)
+            coefficients_plot(layer_coefficients(best.to_recipe(), num_layers),
+                              f"best recipe (trial {best.number}, {best.to_recipe().method})", out / "coefficients.png")
+            if live is not None:
+                live.load(best.to_recipe())
+                h = live.heldout()
+                summary["best"]["heldout"] = h
+                rows.append({"name": f"best (trial {best.number})", **h})
+                for name in live.sources:
+                    live.load(live.source_recipe(name))
+                    rows.append({"name": name, **live.heldout()})
+                uniform, note = _uniform_row(info, names)
+                if uniform is not None:
+                    uniform["scalar"] = scalar_of(info, uniform["objectives"])
+                    rows.append(uniform)
+                if note:
+                    summary["notes"].append(note)
+                summary["heldout"] = {"how": heldout_plan(archive).to_dict(),
+                                      "rows": [{k: r.get(k) for k in ("name", "objectives", "scalar")} for r in rows]}
+            else:
+                summary["notes"].append("held-out scoring skipped (--no-heldout)")
+    table = _table(rows, names) if rows else "(no held-out table)"
+    text = [f"# Search report: {summary['name']} ({summary['run_id']})", "",
+            f"evaluations: {summary['evaluations']} of budget {summary['budget']} (completed {summary['completed']}, "
+            f"failed {summary['failed']}, deduplicated {summary['deduplicated']})", ""]
+    if summary["best"]:
+        text.append(f"best: trial {summary['best']['trial']}, search scalar {summary['best']['scalar']:.4f}")
+        text.append("")
+    text += ["## Held-out", "", table, ""] + [f"- {n}" for n in summary["notes"]]
+    _atomic_text(out / "summary.md", "\n".join(text) + "\n")
+    _atomic_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+    summary["text"] = "\n".join(text)
+    return summary
+
+
+def _num_layers(info: dict[str, Any]) -> int:
+    from ..models import resolve
+
+    base = resolve("base", info["sources"][info["base"]])
+    try:
+        return int(json.loads((base / "config.json").read_text())["num_hidden_layers"])
+    except (OSError, KeyError, ValueError) as e:
+        raise FuseEvoError(f"{base}: cannot read num_hidden_layers ({e})") from None
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="fuse-evo report",
+        description="Summarize a search under RUN_DIR/report/: summary.json, summary.md (best vs each "
+        "source model vs the best uniform merge on the held-out split), convergence.png, coefficients.png.",
+    )
+    parser.add_argument("run_dir", type=Path, help="the search's run directory")
+    parser.add_argument("--no-heldout", dest="heldout", action="store_false",
+                        help="skip held-out scoring (no models are loaded)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: the run's device)")
+    args = parser.parse_args(argv)
+    summary = make_report(args.run_dir, heldout=args.heldout, device=args.device)
+    print(summary["text"])
+    print(f"\nreport written to {Path(args.run_dir).expanduser().resolve() / REPORT_DIR}")
+    return 0

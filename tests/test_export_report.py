@@ -1,0 +1,161 @@
+"""fuse-evo export and report on one tiny micro-zoo search: the export loads with
+AutoModelForCausalLM, `fuse-evo eval` on it reproduces the archived score, `fuse-evo merge` on
+its recipe.yaml rebuilds the same tensors, its mergekit.yaml parses back to the same merge; bad
+picks are refused clearly; the report writes its summary and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fuse_evo import mergekit_yaml
+from fuse_evo.cli import main
+from fuse_evo.models import ModelPool
+from fuse_evo.recipe import Recipe
+from fuse_evo.search.archive import Archive
+from fuse_evo.search.export import ExportError, export_run, pick_trial
+from fuse_evo.search.run import run_search
+
+from conftest import compose_command
+
+BUDGET = 4
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(micro_zoo, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("search") / "run"
+    zoo = Path(micro_zoo["task_dir"]).parent
+    cmd = compose_command("search", ["experiment=micro", f"models.zoo.out_dir={zoo}", f"run.dir={run}",
+                                     f"run.budget={BUDGET}", "run.dashboard=false"])
+    assert run_search(cmd).evaluations == BUDGET
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "best"
+    assert main(["export", str(run_dir), "--pick", "best", "--out", str(out)]) == 0
+    return out
+
+
+def test_export_loads_and_reproduces_the_archived_score(run_dir, exported, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    with Archive.open(run_dir) as archive:
+        best = archive.best()
+        config = archive.config
+        include = archive.info["include_path"]
+    assert {p.name for p in exported.iterdir()} >= {"README.md", "config.json", "mergekit.yaml", "recipe.yaml",
+                                                   "scores.json", "model.safetensors"}
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    assert model.config.num_hidden_layers == 2
+
+    scores = json.loads((exported / "scores.json").read_text())
+    assert scores["trial"] == best.number and scores["search"]["scalar"] == pytest.approx(best.scalar)
+    held = scores["heldout"]
+    assert set(held["objectives"]) == set(best.objectives)
+    assert all(t.endswith("_heldout") for t in held["how"]["tasks"])
+    card = (exported / "README.md").read_text()
+    assert best.recipe_key in card and "held-out" in card and "Provenance" in card
+
+    # fuse-evo eval with the run's search tasks and limit gives the archived metrics
+    results = tmp_path / "eval.json"
+    ev = config["evaluator"]
+    assert main(["eval", str(exported), "--tasks", ",".join(ev["tasks"]), "--include_path", include[0],
+                 "--limit", str(ev["limit"]), "--output_path", str(results)]) == 0
+    report = json.loads(results.read_text())
+    for key, value in best.metrics.items():
+        task, _, metric = key.partition("/")
+        assert report["results"][task][metric] == pytest.approx(value, abs=1e-9), key
+
+
+def test_recipe_yaml_rebuilds_the_same_tensors(exported, tmp_path):
+    again = tmp_path / "again"
+    assert main(["merge", str(exported / "recipe.yaml"), "--out", str(again), "--device", "cpu"]) == 0
+    a, b = _tensors(exported), _tensors(again)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _same_merge(pool: ModelPool, a: Recipe, b: Recipe) -> None:
+    assert a.method == b.method and list(a.models) == list(b.models)
+    for tensor, group in pool.groups.items():
+        for m in a.models:
+            pa, pb = a.model_params(group, m, tensor), b.model_params(group, m, tensor)
+            assert pb.keys() >= pa.keys(), (tensor, m)
+            for k in pa:
+                assert pb[k] == pytest.approx(pa[k], abs=1e-12), (tensor, m, k)
+    assert {k: v for k, v in a.parameters.items()} == {k: v for k, v in b.parameters.items()}
+
+
+def test_mergekit_yaml_parses_back_to_the_same_recipe(run_dir, exported, micro_zoo):
+    with Archive.open(run_dir) as archive:
+        recipe = archive.best().to_recipe()
+        sources = archive.info["sources"]
+    assert recipe.method == "task_arithmetic"
+    pool = ModelPool(sources["base"], {m: sources[m] for m in recipe.models})
+    data = yaml.safe_load((exported / "mergekit.yaml").read_text())
+    assert data["merge_method"] == "task_arithmetic"
+    back = mergekit_yaml.to_recipe(mergekit_yaml.parse(data), pool)
+    _same_merge(pool, recipe, back)
+
+    # a ties recipe with per-layer values and a head of its own
+    ties = Recipe("ties", recipe.models, parameters={"normalize": True, "lambda": 1.2}, groups={
+        "*": {m: {"weight": 0.5, "density": 0.7} for m in recipe.models},
+        "layers.1": {recipe.models[0]: {"weight": 0.9, "density": 0.3}},
+        "head": {recipe.models[1]: {"weight": 0.1}},
+    })
+    mk = mergekit_yaml.recipe_to_mergekit(ties, sources, pool)
+    assert mk is not None and mk["merge_method"] == "ties"
+    _same_merge(pool, ties, mergekit_yaml.to_recipe(mergekit_yaml.parse(yaml.safe_load(yaml.safe_dump(mk))), pool))
+
+    # attention and MLP halves of one layer that differ, or tensor: groups: not expressible
+    split = Recipe("task_arithmetic", recipe.models, groups={
+        "*": {m: {"weight": 0.5} for m in recipe.models}, "layers.0.mlp": {recipe.models[0]: {"weight": 1.0}}})
+    assert mergekit_yaml.recipe_to_mergekit(split, sources, pool) is None
+
+
+def test_bad_picks_are_refused(run_dir, tmp_path, capsys):
+    assert main(["export", str(run_dir), "--pick", "trial:999", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "no trial 999" in err and f"0..{BUDGET - 1}" in err
+    assert main(["export", str(run_dir), "--pick", "worst", "--out", str(tmp_path / "x")]) == 2
+    assert "expected 'best' or 'trial:N'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "not a search run directory" in capsys.readouterr().err
+    with Archive.open(run_dir) as archive:
+        assert pick_trial(archive, "trial:0").number in (0, archive.trial(0).duplicate_of)
+    with pytest.raises(ExportError, match="already exists"):
+        export_run(run_dir, run_dir)
+
+
+def test_report(run_dir, capsys):
+    assert main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    report = run_dir / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["evaluations"] == BUDGET and summary["budget"] == BUDGET
+    assert summary["completed"] + summary["failed"] + summary["deduplicated"] == BUDGET
+    with Archive.open(run_dir) as archive:
+        best = archive.best()
+    assert summary["best"]["trial"] == best.number and summary["best"]["scalar"] == pytest.approx(best.scalar)
+    rows = [r["name"] for r in summary["heldout"]["rows"]]
+    assert rows[0].startswith("best") and "base" in rows and "ft_shift" in rows
+    assert any(r.startswith("uniform task_arithmetic") for r in rows)
+    for png in ("convergence.png", "coefficients.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| model |" in out and "ft_increment" in out
