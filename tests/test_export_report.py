@@ -159,3 +159,19 @@ def test_report(run_dir, capsys):
     for png in ("convergence.png", "coefficients.png"):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| model |" in out and "ft_increment" in out
+
+
+def test_pick_empty_and_failed(tmp_path):
+    from fuse_evo.search.archive import Trial, default_url
+
+    archive = Archive(default_url(tmp_path), "r1", create=True)
+    archive.start_run("t", "{}", {"objectives": []})
+    with pytest.raises(ExportError, match="holds no evaluations"):
+        pick_trial(archive, "best")
+    archive.record(Trial(number=-1, candidate_id=0, status="failed", genome=[0.5], recipe={"method": "linear",
+                         "models": ["a"]}, recipe_key="k", error="RuntimeError: boom"))
+    with pytest.raises(ExportError, match="none of its 1 evaluations completed"):
+        pick_trial(archive, "best")
+    with pytest.raises(ExportError, match="trial 0 failed .*boom"):
+        pick_trial(archive, "trial:0")
+    archive.close()
