@@ -66,7 +66,8 @@ def test_end_to_end_each_backend(micro_zoo, tmp_path, strategy):
     run_dir = tmp_path / "run"
     result = run_search(command(micro_zoo, run_dir, f"strategy={strategy}", "run.budget=6"))
     assert result.evaluations == 6 and not result.resumed and not result.already_done
-    assert sorted(p.name for p in run_dir.iterdir()) == ["archive.db", "config.yaml", "search.log", "strategy.pkl"]
+    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == [
+        "archive.db", "config.yaml", "search.log", "strategy.pkl"]
 
     archive = check_archive(run_dir, 6)
     first = archive.trials()
@@ -243,6 +244,12 @@ def test_a_run_dir_of_another_experiment_is_refused(micro_zoo, tmp_path):
     fresh = run_search(command(micro_zoo, run_dir, "run.budget=3", "strategy=de", "run.overwrite=true"))
     assert fresh.run_id != first.run_id and not fresh.resumed and fresh.evaluations == 3
     assert Archive.open(run_dir).info["strategy"] == "nevergrad/TwoPointsDE"
+    import fcntl
+
+    with open(run_dir / ".lock", "a") as held:  # another search running on this directory
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunDirError, match="is in use by another fuse-evo search"):
+            run_search(command(micro_zoo, run_dir, "run.budget=4", "strategy=de"))
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")

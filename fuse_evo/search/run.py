@@ -30,14 +30,14 @@ import json
 import logging
 import os
 import pickle
-import shutil
+import socket
 import sys
 import time
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 from omegaconf import OmegaConf
@@ -55,6 +55,7 @@ trial_log = logging.getLogger("fuse_evo.search.trials")  # per-evaluation lines:
 
 STRATEGY_FILE = "strategy.pkl"
 LOG_FILE = "search.log"
+LOCK_FILE = ".lock"
 OUR_FILES = (CONFIG_FILE, DB_FILE, STRATEGY_FILE, LOG_FILE)
 CHECKPOINT_FORMAT = 1
 # keys that may change between a run and its resume without changing what is searched
@@ -174,6 +175,8 @@ def _prepare_run_dir(cmd: SearchCommand) -> tuple[Path, str, bool, dict[str, Any
     if stored_path.exists():
         try:
             stored = yaml.safe_load(stored_path.read_text())
+            if not isinstance(stored, dict):
+                raise yaml.YAMLError("not a mapping")
         except yaml.YAMLError as e:
             stored = None
             if not cmd.run.overwrite:
@@ -229,6 +232,34 @@ def _clear(run_dir: Path, stored: dict[str, Any] | None) -> None:
     for p in run_dir.glob(f".{STRATEGY_FILE}.tmp"):
         p.unlink()
     log.info("run.overwrite: cleared %s", run_dir)
+
+
+@contextmanager
+def _lock(run_dir: Path) -> Iterator[None]:
+    """One search per run directory at a time (a requeued job while the old one still runs
+    would tell the strategy twice): an exclusive lock on RUN_DIR/.lock, released at exit."""
+    import fcntl
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run.dir {run_dir} is a file")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(run_dir / LOCK_FILE, "a+")
+    except OSError as e:
+        raise RunDirError(f"run.dir {run_dir} is not writable: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            raise RunDirError(f"run.dir {run_dir} is in use by another fuse-evo search ({f.read().strip() or 'pid ?'})") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()
 
 
 class _LogTo:
@@ -288,11 +319,11 @@ class Search:
     def __init__(self, cmd: SearchCommand, scheduler_factory=None):
         self.cmd = cmd
         self._scheduler_factory = scheduler_factory or SerialScheduler
-        self.run_dir, self.run_id, self.resumed, stored = _prepare_run_dir(cmd)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self._stack = ExitStack()
-        self._stack.enter_context(_LogTo(self.run_dir / LOG_FILE))
         try:
+            self._stack.enter_context(_lock(Path(cmd.run.dir).expanduser().resolve()))
+            self.run_dir, self.run_id, self.resumed, stored = _prepare_run_dir(cmd)
+            self._stack.enter_context(_LogTo(self.run_dir / LOG_FILE))
             self._setup(stored)
         except BaseException:
             self._stack.close()
@@ -493,6 +524,10 @@ class Search:
     def run(self) -> SearchResult:
         try:
             return self._run()
+        except KeyboardInterrupt:
+            log.warning("interrupted at %d of %d evaluations; the same command resumes the run",
+                        self.archive.count(), self.budget)
+            raise
         finally:
             self._stack.close()
 
