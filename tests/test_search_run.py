@@ -309,3 +309,20 @@ def test_incompatible_models_fail_before_the_first_evaluation(micro_zoo, tmp_pat
     assert Archive.open(tmp_path / "run").count() == 0
     with pytest.raises(FuseEvoError, match="models.base: name the base model"):
         run_search(command(micro_zoo, tmp_path / "run2", "models=paths", zoo=False))
+
+
+def test_runs_share_a_database_url(micro_zoo, tmp_path):
+    """run.db_url: the archive lives in that database (no archive.db in the run dir), one
+    fe_runs row per run; overwriting one run removes only its rows."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    a = run_search(command(micro_zoo, tmp_path / "a", "strategy=random", "run.budget=2", f"run.db_url={url}"))
+    b = run_search(command(micro_zoo, tmp_path / "b", "strategy=random", "run.budget=3", f"run.db_url={url}",
+                           "seed=1"))
+    assert not (tmp_path / "a" / "archive.db").exists() and a.run_id != b.run_id
+    assert Archive.open(tmp_path / "a").count() == 2 and Archive.open(tmp_path / "b").count() == 3
+    assert Archive.open(tmp_path / "b").url == url
+    run_search(command(micro_zoo, tmp_path / "a", "strategy=random", "run.budget=1", f"run.db_url={url}",
+                       "run.overwrite=true"))
+    assert Archive.open(tmp_path / "a").count() == 1 and Archive.open(tmp_path / "b").count() == 3
+    with sqlite3.connect(tmp_path / "shared.db") as c:
+        assert c.execute("select count(*) from fe_runs").fetchone()[0] == 2
