@@ -295,6 +295,9 @@ def save_checkpoint(run_dir: Path, run_id: str, strategy: Strategy) -> None:
 
 
 def load_checkpoint(run_dir: Path, run_id: str, strategy: Strategy) -> None:
+    """Resume the strategy from ``strategy.pkl``. It is a pickle (optimizer states are not
+    JSON), so loading runs whatever the file says: only resume run directories you or your
+    own runs wrote, as you would only import code you trust."""
     path = run_dir / STRATEGY_FILE
     try:
         state = pickle.loads(path.read_bytes())
