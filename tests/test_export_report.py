@@ -18,7 +18,9 @@ from fuse_evo.cli import main
 from fuse_evo.models import ModelPool
 from fuse_evo.recipe import Recipe
 from fuse_evo.search.archive import Archive
+from fuse_evo.errors import FuseEvoError
 from fuse_evo.search.export import ExportError, export_run, pick_trial
+from fuse_evo.search.report import make_report
 from fuse_evo.search.run import run_search
 
 from conftest import compose_command
@@ -159,6 +161,35 @@ def test_report(run_dir, capsys):
     for png in ("convergence.png", "coefficients.png"):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| model |" in out and "ft_increment" in out
+
+
+def _micro_search(micro_zoo, run: Path, *overrides: str) -> Path:
+    zoo = Path(micro_zoo["task_dir"]).parent
+    cmd = compose_command("search", ["experiment=micro", f"models.zoo.out_dir={zoo}", f"run.dir={run}",
+                                     "run.budget=3", "run.dashboard=false", *overrides])
+    run_search(cmd)
+    return run
+
+
+def test_report_with_a_grid_searched_uniform_baseline(run_dir, micro_zoo, tmp_path, capsys):
+    uniform = _micro_search(micro_zoo, tmp_path / "uniform", "space=ta_uniform", "strategy=grid")
+    with Archive.open(uniform) as archive:
+        lambdas = sorted(t.genome[0] for t in archive.trials())
+        base_best = archive.best()
+    assert lambdas == pytest.approx([0.0, 0.5, 1.0])  # the global scale's grid at budget 3
+    assert main(["report", str(run_dir), "--baseline", str(uniform)]) == 0
+    rows = json.loads((run_dir / "report" / "summary.json").read_text())["heldout"]["rows"]
+    row = next(r for r in rows if r["name"].startswith("micro best"))
+    assert row["run_dir"] == str(uniform) and row["search_scalar"] == pytest.approx(base_best.scalar)
+    assert Recipe.from_dict(row["recipe"]).key == base_best.recipe_key
+    assert "grid" in row["name"] and "task_arithmetic" in row["name"] and "search scalar" in capsys.readouterr().out
+
+    other = _micro_search(micro_zoo, tmp_path / "other", "space=ta_uniform", "strategy=grid",
+                          "evaluator.objectives.0.weight=1.0")
+    with pytest.raises(FuseEvoError, match=r"--baseline .*other: scored with other objectives"):
+        make_report(run_dir, baselines=[other])
+    with pytest.raises(FuseEvoError, match="that is the run being reported"):
+        make_report(run_dir, baselines=[run_dir])
 
 
 def test_pick_empty_and_failed(tmp_path):

@@ -18,7 +18,7 @@ from fuse_evo.search import (
 BACKENDS = [
     ("nevergrad", "CMA"), ("nevergrad", "DE"), ("nevergrad", "TwoPointsDE"), ("nevergrad", "NGOpt"),
     ("nevergrad", "PortfolioDiscreteOnePlusOne"), ("optuna", "cmaes"), ("optuna", "tpe"), ("optuna", "nsga2"),
-    ("random", None),
+    ("random", None), ("grid", None),
 ]
 POPULATION = {"CMA": 6, "DE": 6, "TwoPointsDE": 6, "cmaes": 6, "nsga2": 8}
 TARGET = np.linspace(0.15, 0.85, 6)
@@ -50,7 +50,7 @@ def step(strategy, failed: bool = False) -> np.ndarray:
     return candidate.genome
 
 
-@pytest.mark.parametrize("backend, optimizer", BACKENDS)
+@pytest.mark.parametrize("backend, optimizer", [b for b in BACKENDS if b[0] != "grid"])  # 6 genes: a 2^6 grid
 def test_improves_on_the_initial_point_despite_failures(space, backend, optimizer):
     with make_strategy(config(backend, optimizer), space) as strategy:
         assert not strategy.multi_objective and strategy.budget == 40
@@ -176,6 +176,7 @@ def test_checkpoints_of_another_run_are_refused(space):
         (dict(backend="optuna", optimizer="tpe", population_size=8), r"strategy.population_size: optuna's tpe"),
         (dict(backend="optuna", optimizer="cmaes", num_objectives=2), r"strategy.optimizer: optuna's cmaes is single-objective"),
         (dict(backend="random", optimizer="CMA"), r"strategy.optimizer: random search has none"),
+        (dict(backend="grid", optimizer="CMA"), r"strategy.optimizer: grid search has none"),
         (dict(budget=0), r"strategy.budget: must be at least 1"),
         (dict(initial="zeros"), r"strategy.initial: 'uniform', null or a genome"),
         (dict(initial=[0.5] * 5), r"strategy.initial: genome: 5 values, the space has 6 genes"),
@@ -197,3 +198,22 @@ def test_initial_point_from_config(space):
         assert not np.allclose(s.ask().genome, space.initial())
     assert make_strategy(StrategyConfig(), space).name == "nevergrad/NGOpt"
     assert make_strategy(StrategyConfig(backend="optuna"), space).name == "optuna/tpe"
+
+
+def test_grid_covers_an_even_grid_once_in_a_seeded_order():
+    one = SearchSpace(SpaceConfig(method="task_arithmetic", models=["a", "b"], num_layers=1,
+                                  genes={"lambda": GeneConfig(0.0, 2.0)}, fixed={"weight": 1.0}))
+    with make_strategy(StrategyConfig(backend="grid", budget=21, initial=None, seed=1), one) as grid:
+        asked = [grid.ask() for _ in range(21)]
+        values = sorted(float(c.genome[0]) for c in asked)
+        np.testing.assert_allclose(values, np.linspace(0.0, 2.0, 21))  # one gene: budget points, ends included
+        assert [float(c.genome[0]) for c in asked] != values  # visited in a shuffled order
+        again = make_strategy(StrategyConfig(backend="grid", budget=21, initial=None, seed=1), one)
+        assert [float(again.ask().genome[0]) for _ in range(21)] == [float(c.genome[0]) for c in asked]
+        assert float(grid.ask().genome[0]) == float(asked[0].genome[0])  # past the end: round again
+    two = SearchSpace(SpaceConfig(method="task_arithmetic", models=["a", "b"], num_layers=1,
+                                  genes={"weight": GeneConfig(0.0, 1.0, scope="model")}))
+    with make_strategy(StrategyConfig(backend="grid", budget=10, initial=None), two) as grid:
+        assert grid.points_per_gene == 4 and grid.size == 16  # 4 x 4 >= 10
+        points = {tuple(np.round(grid.ask().genome, 6)) for _ in range(16)}
+        assert points == {(a, b) for a in np.round(np.linspace(0, 1, 4), 6) for b in np.round(np.linspace(0, 1, 4), 6)}

@@ -71,7 +71,8 @@ class StrategyConfig:
 
     ``backend``: ``nevergrad`` (``optimizer``: a registry name such as CMA, DE, TwoPointsDE,
     NGOpt, PortfolioDiscreteOnePlusOne; default NGOpt), ``optuna`` (``optimizer``: cmaes, tpe,
-    nsga2; default tpe) or ``random`` (no optimizer). ``initial``: ``uniform`` (the space's initial point), null
+    nsga2; default tpe), ``random`` or ``grid`` (an even grid over a space of a few genes; no
+    optimizer). ``initial``: ``uniform`` (the space's initial point), null
     (none) or a genome, asked first. ``failure_loss`` is what Nevergrad and random search are
     told for each objective of a failed candidate (Optuna marks the trial failed instead); it
     must be worse than any real loss. ``storage``/``study_name``: an Optuna RDB URL and study

@@ -5,7 +5,9 @@
 - ``summary.md``: the table (also printed): the best recipe vs every source model (and the
   base) vs the best uniform merge, on the held-out split (``fuse_evo.search.export``'s plan);
   the uniform merge comes from the zoo's ``zoo.json`` when the run used a zoo, else it is
-  left out with a note;
+  left out with a note; each ``--baseline RUN_DIR`` (another search over the same models
+  with the same objectives, e.g. ``experiment=quickstart_uniform``: one global scale
+  grid-searched at the same budget) adds its best recipe, scored on the same held-out split;
 - ``convergence.png``: best-so-far scalar objective vs evaluations (every trial as a dot);
 - ``coefficients.png``: the best recipe's per-layer coefficients, one line per source model
   and parameter.
@@ -125,16 +127,54 @@ def _uniform_row(info: dict[str, Any], names: list[str]) -> tuple[dict[str, Any]
             None if len(scores) == len(names) else "the zoo's uniform merge lacks some objectives")
 
 
+class ReportError(FuseEvoError):
+    """A baseline run that cannot be compared with the run reported (the message says why)."""
+
+
 def _table(rows: list[dict[str, Any]], names: list[str]) -> str:
-    lines = ["| model | " + " | ".join(names) + " | scalar |", "| --- |" + " --- |" * (len(names) + 1)]
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    lines = ["| model | " + " | ".join(names) + " | held-out scalar | search scalar |",
+             "| --- |" + " --- |" * (len(names) + 2)]
     for r in rows:
-        cells = [f"{r['objectives'][n]:.4f}" if n in r["objectives"] else "-" for n in names]
-        scalar = "-" if r.get("scalar") is None else f"{r['scalar']:.4f}"
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {scalar} |")
+        cells = [number(r["objectives"].get(n)) for n in names]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {number(r.get('scalar'))} | "
+                     f"{number(r.get('search_scalar'))} |")
     return "\n".join(lines)
 
 
-def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = None) -> dict[str, Any]:
+def _objective_keys(info: dict[str, Any]) -> list[tuple]:
+    return [(o["name"], o.get("metric"), o.get("direction"), o.get("weight")) for o in info.get("objectives") or []]
+
+
+def open_baselines(run_dir: Path, info: dict[str, Any], baselines: list[str | Path]) -> list[dict[str, Any]]:
+    """Each baseline run's best trial, checked against the run before anything is scored:
+    same base and source models (same paths), same objectives."""
+    found = []
+    for b in baselines:
+        b = Path(b).expanduser().resolve()
+        if b == run_dir:
+            raise ReportError(f"--baseline {b}: that is the run being reported")
+        with Archive.open(b) as archive:
+            binfo, best = archive.info, archive.best()
+            if best is None:
+                raise ReportError(f"--baseline {b}: run {archive.run_id} has no completed trial")
+            extra = {n: p for n, p in binfo["sources"].items() if info["sources"].get(n) != p}
+            if binfo["base"] != info["base"] or extra:
+                raise ReportError(f"--baseline {b}: merges other models than the run ({extra or binfo['base']} "
+                                  f"not among its base {info['base']!r} and sources {info['sources']})")
+            if _objective_keys(binfo) != _objective_keys(info):
+                raise ReportError(f"--baseline {b}: scored with other objectives "
+                                  f"({[o['name'] for o in binfo.get('objectives') or []]}, metrics or weights differ)")
+            found.append({"dir": str(b), "name": f"{binfo.get('name')} best (trial {best.number} of "
+                          f"{archive.count()}, {binfo.get('strategy')}, {binfo.get('method')})",
+                          "recipe": best.to_recipe(), "search_scalar": best.scalar, "trial": best.number})
+    return found
+
+
+def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = None,
+                baselines: list[str | Path] = ()) -> dict[str, Any]:
     from .export import scalar_of
 
     run_dir = Path(run_dir).expanduser().resolve()
@@ -143,6 +183,9 @@ def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = 
         info = archive.info
         trials = archive.trials()
         best = archive.best()
+        others = open_baselines(run_dir, info, list(baselines))
+        if others and not heldout:
+            raise ReportError("--baseline: baselines are compared on the held-out split; drop --no-heldout")
         summary: dict[str, Any] = {"run_id": archive.run_id, "name": info.get("name"), **counts(archive),
                                    "budget": info.get("budget"), "strategy": info.get("strategy"),
                                    "best": None, "heldout": None, "notes": []}
@@ -163,7 +206,11 @@ def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = 
                 live.load(best.to_recipe())
                 h = live.heldout()
                 summary["best"]["heldout"] = h
-                rows.append({"name": f"best (trial {best.number})", **h})
+                rows.append({"name": f"best (trial {best.number})", **h, "search_scalar": best.scalar})
+                for other in others:
+                    live.load(other["recipe"])
+                    rows.append({"name": other["name"], **live.heldout(), "search_scalar": other["search_scalar"],
+                                 "run_dir": other["dir"], "recipe": other["recipe"].to_dict()})
                 for name in live.sources:
                     live.load(live.source_recipe(name))
                     rows.append({"name": name, **live.heldout()})
@@ -174,7 +221,9 @@ def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = 
                 if note:
                     summary["notes"].append(note)
                 summary["heldout"] = {"how": heldout_plan(archive).to_dict(),
-                                      "rows": [{k: r.get(k) for k in ("name", "objectives", "scalar")} for r in rows]}
+                                      "rows": [{k: r[k] for k in ("name", "objectives", "scalar", "search_scalar",
+                                                                  "run_dir", "recipe") if r.get(k) is not None}
+                                               for r in rows]}
             else:
                 summary["notes"].append("held-out scoring skipped (--no-heldout)")
     table = _table(rows, names) if rows else "(no held-out table)"
@@ -213,8 +262,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-heldout", dest="heldout", action="store_false",
                         help="skip held-out scoring (no models are loaded)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the run's device)")
+    parser.add_argument("--baseline", action="append", default=[], metavar="RUN_DIR",
+                        help="another search over the same models and objectives (e.g. experiment="
+                        "quickstart_uniform): its best recipe joins the held-out table (repeatable)")
     args = parser.parse_args(argv)
-    summary = make_report(args.run_dir, heldout=args.heldout, device=args.device)
+    summary = make_report(args.run_dir, heldout=args.heldout, device=args.device, baselines=args.baseline)
     print(summary["text"])
     print(f"\nreport written to {Path(args.run_dir).expanduser().resolve() / REPORT_DIR}")
     return 0

@@ -1,4 +1,4 @@
-"""Strategies: one small ask/tell interface over Nevergrad, Optuna and random search.
+"""Strategies: one small ask/tell interface over Nevergrad, Optuna, random and grid search.
 
 The only module that imports nevergrad or optuna. A strategy proposes genomes inside the
 space's bounds (``ask``), learns losses to minimize (``tell``), and saves everything it needs
@@ -469,17 +469,70 @@ class RandomSearch(Strategy):
         return blob["handles"]
 
 
+# ---------------------------------------------------------------------------- grid search
+class GridSearch(Strategy):
+    """An even grid over the bounds, ``k`` points per gene with ``k**d >= budget`` (a space of
+    one gene: exactly ``budget`` points, ends included), visited in a seeded random order so
+    a budget smaller than the grid samples it without bias. For spaces of a few genes: the
+    uniform-merge baseline (one global scale, grid-searched at the search's budget). Asks
+    past the grid's end go round it again (repeats, which the run scores once).
+    """
+
+    backend = "grid"
+
+    def __init__(self, config: StrategyConfig, space: SearchSpace):
+        super().__init__(config, space)
+        d = space.dimension
+        if d > 6:
+            raise ConfigError(f"strategy.backend: a grid over {d} genes is too coarse to be useful; "
+                              "use it for spaces of a few genes (a global scale), or another strategy")
+        k = max(2, math.ceil(round(config.budget ** (1.0 / d), 9)))
+        self.points_per_gene = k
+        self.size = k**d
+        self._order = np.random.default_rng(config.seed).permutation(self.size)
+        self._first = self._initial()
+        self._position = 0
+
+    def point(self, index: int) -> np.ndarray:
+        """The grid point ``index`` (0 .. size-1), genes' indices in row-major order."""
+        steps = np.unravel_index(index, (self.points_per_gene,) * self.space.dimension)
+        fraction = np.asarray(steps, dtype=np.float64) / (self.points_per_gene - 1)
+        return self.space.lower + fraction * (self.space.upper - self.space.lower)
+
+    def _ask(self):
+        if self._first is not None:
+            genome, self._first = self._first, None
+        else:
+            genome = self.point(int(self._order[self._position % self.size]))
+            self._position += 1
+        return self._new_id(), genome, None
+
+    def _tell(self, handle, losses):
+        pass  # a grid learns nothing
+
+    def _save(self, handles):
+        first = None if self._first is None else self._first.tolist()
+        return {"position": self._position, "first": first, "handles": handles}
+
+    def _load(self, blob):
+        self._position = int(blob["position"])
+        self._first = None if blob["first"] is None else np.array(blob["first"])
+        return blob["handles"]
+
+
 # ---------------------------------------------------------------------------- factory
-BACKENDS: dict[str, type[Strategy]] = {"nevergrad": NevergradStrategy, "optuna": OptunaStrategy, "random": RandomSearch}
-_DEFAULT_OPTIMIZER = {"nevergrad": "NGOpt", "optuna": "tpe", "random": None}
+BACKENDS: dict[str, type[Strategy]] = {"nevergrad": NevergradStrategy, "optuna": OptunaStrategy,
+                                       "random": RandomSearch, "grid": GridSearch}
+_DEFAULT_OPTIMIZER = {"nevergrad": "NGOpt", "optuna": "tpe", "random": None, "grid": None}
 
 
 def make_strategy(config: StrategyConfig, space: SearchSpace) -> Strategy:
     """The strategy a config names, over ``space``; ConfigError naming the key at fault."""
     if config.backend not in BACKENDS:
         raise ConfigError(f"strategy.backend: {config.backend!r} is not one of {', '.join(BACKENDS)}")
-    if config.backend == "random" and config.optimizer is not None:
-        raise ConfigError(f"strategy.optimizer: random search has none, got {config.optimizer!r}; set it to null")
+    if config.backend in ("random", "grid") and config.optimizer is not None:
+        raise ConfigError(f"strategy.optimizer: {config.backend} search has none, got {config.optimizer!r}; "
+                          "set it to null")
     for key, least in (("budget", 1), ("num_objectives", 1), ("num_workers", 1), ("population_size", 2)):
         value = getattr(config, key)
         if value is not None and value < least:
