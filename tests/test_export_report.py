@@ -179,10 +179,10 @@ def test_report_with_a_grid_searched_uniform_baseline(run_dir, micro_zoo, tmp_pa
     assert lambdas == pytest.approx([0.0, 0.5, 1.0])  # the global scale's grid at budget 3
     assert main(["report", str(run_dir), "--baseline", str(uniform)]) == 0
     rows = json.loads((run_dir / "report" / "summary.json").read_text())["heldout"]["rows"]
-    row = next(r for r in rows if r["name"].startswith("micro best"))
+    row = next(r for r in rows if r["name"].startswith("uniform: best of 3 (grid, task_arithmetic, lambda "))
     assert row["run_dir"] == str(uniform) and row["search_scalar"] == pytest.approx(base_best.scalar)
     assert Recipe.from_dict(row["recipe"]).key == base_best.recipe_key
-    assert "grid" in row["name"] and "task_arithmetic" in row["name"] and "search scalar" in capsys.readouterr().out
+    assert "search scalar" in capsys.readouterr().out
 
     other = _micro_search(micro_zoo, tmp_path / "other", "space=ta_uniform", "strategy=grid",
                           "evaluator.objectives.0.weight=1.0")
@@ -206,3 +206,16 @@ def test_pick_empty_and_failed(tmp_path):
     with pytest.raises(ExportError, match="trial 0 failed .*boom"):
         pick_trial(archive, "trial:0")
     archive.close()
+
+
+def test_layer_coefficients_cover_embed_layers_norm_and_head():
+    from fuse_evo.search.report import layer_coefficients
+
+    recipe = Recipe("task_arithmetic", ("a", "b"), groups={
+        "*": {"a": {"weight": 0.1}, "b": {"weight": 0.2}},
+        "layers.1.mlp": {"a": {"weight": 0.9}}, "head": {"b": {"weight": 0.7}},
+    })
+    labels, series = layer_coefficients(recipe, num_layers=2)
+    assert labels == ["embed", "0", "1", "norm", "head"]
+    assert series == {"a weight": [0.1, 0.1, 0.1, 0.1, 0.1], "a weight (mlp)": [0.1, 0.1, 0.9, 0.1, 0.1],
+                      "b weight": [0.2, 0.2, 0.2, 0.2, 0.7]}

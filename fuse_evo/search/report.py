@@ -65,43 +65,46 @@ def convergence_plot(trials: list[Trial], path: Path) -> None:
     plt.close(fig)
 
 
-def layer_coefficients(recipe, num_layers: int) -> dict[str, list[float]]:
-    """``{"MODEL weight": [layer 0, 1, ...]}`` (the attention half; the MLP half as its own
-    series where it differs)."""
+def layer_coefficients(recipe, num_layers: int) -> tuple[list[str], dict[str, list[float]]]:
+    """Positions (``embed``, ``0`` .. ``L-1``, ``norm``, ``head``) and a series per source model
+    and parameter over them, ``{"MODEL weight": [...]}`` (the attention half of each layer;
+    the MLP half as its own series where it differs)."""
     from ..models import TensorGroup
     from ..recipe import PER_MODEL_PARAMS
 
+    labels = ["embed", *map(str, range(num_layers)), "norm", "head"]
     series: dict[str, list[float]] = {}
     keys = PER_MODEL_PARAMS.get(recipe.method) or ()
     models = [(m, k) for m in recipe.models for k in keys] or [("*", "t")]
     for model, key in models:
+        label = f"{model} {key}" if model != "*" else key
         for part in ("attn", "mlp"):
-            values = [recipe.model_params(TensorGroup("layer", i, part), model).get(key) for i in range(num_layers)]
+            groups = [TensorGroup("embed"), *(TensorGroup("layer", i, part) for i in range(num_layers)),
+                      TensorGroup("norm"), TensorGroup("head")]
+            values = [recipe.model_params(g, model).get(key) for g in groups]
             if any(v is None for v in values):
                 continue
-            label = f"{model} {key}" if model != "*" else key
             if part == "mlp" and series.get(label) == values:
                 continue
             series[label if part == "attn" else f"{label} (mlp)"] = [float(v) for v in values]
-    return series
+    return labels, series
 
 
-def coefficients_plot(series: dict[str, list[float]], title: str, path: Path) -> None:
+def coefficients_plot(labels: list[str], series: dict[str, list[float]], title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4))
     for label, values in series.items():
         ax.plot(range(len(values)), values, marker="o", label=label)
-    ax.set_xlabel("layer")
+    ax.set_xlabel("tensor group (embedding, layers, final norm, head)")
     ax.set_ylabel("coefficient")
     ax.set_title(title)
+    ax.set_xticks(range(len(labels)), labels)
     if series:
         ax.legend(fontsize=7)
-        n = max(len(v) for v in series.values())
-        ax.set_xticks(range(n))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -167,8 +170,10 @@ def open_baselines(run_dir: Path, info: dict[str, Any], baselines: list[str | Pa
             if _objective_keys(binfo) != _objective_keys(info):
                 raise ReportError(f"--baseline {b}: scored with other objectives "
                                   f"({[o['name'] for o in binfo.get('objectives') or []]}, metrics or weights differ)")
-            found.append({"dir": str(b), "name": f"{binfo.get('name')} best (trial {best.number} of "
-                          f"{archive.count()}, {binfo.get('strategy')}, {binfo.get('method')})",
+            genes = binfo.get("genes") or []
+            values = (", " + ", ".join(f"{g} {v:.3g}" for g, v in zip(genes, best.genome))) if len(genes) <= 3 else ""
+            found.append({"dir": str(b), "name": f"{b.name}: best of {archive.count()} ({binfo.get('strategy')}, "
+                          f"{binfo.get('method')}{values})",
                           "recipe": best.to_recipe(), "search_scalar": best.scalar, "trial": best.number})
     return found
 
@@ -200,7 +205,7 @@ def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = 
                                "objectives": best.objectives, "metrics": best.metrics, "recipe": best.recipe}
             live = LiveMerge(archive, device=device) if heldout else None
             num_layers = live.pool.num_layers if live is not None else _num_layers(info)
-            coefficients_plot(layer_coefficients(best.to_recipe(), num_layers),
+            coefficients_plot(*layer_coefficients(best.to_recipe(), num_layers),
                               f"best recipe (trial {best.number}, {best.to_recipe().method})", out / "coefficients.png")
             if live is not None:
                 live.load(best.to_recipe())
