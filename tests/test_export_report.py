@@ -6,6 +6,7 @@ picks are refused clearly; the report writes its summary and plots."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,11 @@ def exported(run_dir, tmp_path_factory) -> Path:
 
 def test_export_loads_and_reproduces_the_archived_score(run_dir, exported, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
+
+    umask = os.umask(0)
+    os.umask(umask)  # the folder and files are readable as any file the user writes, not private
+    assert exported.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {f.stat().st_mode & 0o777 for f in exported.iterdir()} == {0o666 & ~umask}
 
     with Archive.open(run_dir) as archive:
         best = archive.best()

@@ -11,7 +11,7 @@ Two tables, prefixed ``fe_`` so an Optuna study (the dashboard mirror) can share
   ``failed``, or ``duplicate``: a recipe scored before, told the earlier result without a new
   evaluation), genome, recipe (as a dict), recipe key, metrics, objective values, losses, the
   scalar objective (larger is better), the error of a failure, the recipe's seed, the worker,
-  start/finish times and timings.
+  start/finish times, timings, and attempts (more than 1: its worker died and it was retried).
 
 Read a finished (or running) search with ``Archive.open(run_dir)``; nothing here needs torch.
 """
@@ -64,6 +64,7 @@ _trials = sa.Table(
     sa.Column("started", sa.Float, nullable=False),
     sa.Column("finished", sa.Float, nullable=False),
     sa.Column("timings", sa.Text, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="1"),
     sa.UniqueConstraint("run_id", "candidate_id", name="fe_trials_candidate"),
     sa.Index("fe_trials_recipe_key", "run_id", "recipe_key"),
 )
@@ -79,7 +80,8 @@ class Trial:
     objective's name to its value in its own units; ``losses`` are what the strategy was told
     (minimized); ``scalar`` is the weighted objective sum, larger is better (None if failed).
     ``timings``: seconds (``merge``, ``score``, ``total``, and the evaluator's per request
-    type); ``started``/``finished``: Unix times."""
+    type); ``started``/``finished``: Unix times; ``attempts``: how many workers ran it (more
+    than one when a worker died under it and it was retried)."""
 
     number: int
     candidate_id: int
@@ -98,6 +100,7 @@ class Trial:
     started: float = 0.0
     finished: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    attempts: int = 1
 
     @property
     def ok(self) -> bool:
@@ -124,7 +127,20 @@ def _row_to_trial(row: Any) -> Trial:
         losses=None if m["losses"] is None else json.loads(m["losses"]),
         scalar=m["scalar"], error=m["error"], seed=m["seed"], duplicate_of=m["duplicate_of"],
         worker=m["worker"], started=m["started"], finished=m["finished"], timings=json.loads(m["timings"]),
+        attempts=m["attempts"],
     )
+
+
+def _add_missing_columns(engine: sa.Engine) -> None:
+    """Archives written before a column existed get it, with its default (``attempts``: 1)."""
+    have = {c["name"] for c in sa.inspect(engine).get_columns("fe_trials")}
+    with engine.begin() as c:
+        for column in _trials.columns:
+            if column.name not in have:
+                default = column.server_default.arg if column.server_default is not None else None
+                c.execute(sa.text(f"ALTER TABLE fe_trials ADD COLUMN {column.name} "
+                                  f"{column.type.compile(engine.dialect)}"
+                                  + (f" NOT NULL DEFAULT {default}" if default is not None else "")))
 
 
 def default_url(run_dir: str | Path) -> str:
@@ -163,6 +179,7 @@ class Archive:
                 _meta.create_all(self.engine)
             elif not sa.inspect(self.engine).has_table("fe_trials"):
                 raise ArchiveError(f"{_safe_url(url)} holds no search archive")
+            _add_missing_columns(self.engine)
         except sa.exc.SQLAlchemyError as e:
             raise ArchiveError(f"the archive database {_safe_url(url)} cannot be opened: {e.__class__.__name__}: "
                                f"{str(e).splitlines()[0]}") from None
@@ -250,6 +267,7 @@ class Archive:
                 scalar=None if trial.scalar is None or not math.isfinite(trial.scalar) else float(trial.scalar),
                 error=trial.error, seed=int(trial.seed), duplicate_of=trial.duplicate_of, worker=trial.worker,
                 started=trial.started, finished=trial.finished, timings=_dumps(trial.timings),
+                attempts=int(trial.attempts),
             ))
         return trial
 

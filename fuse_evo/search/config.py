@@ -1,5 +1,6 @@
 """Structured configs of ``fuse-evo search`` and its groups (Hydra ConfigStore): ``models``,
-``space``, ``strategy``, ``evaluator`` (``fuse_evo.config.EvaluatorConfig``) and ``run``.
+``space``, ``strategy``, ``evaluator`` (``fuse_evo.config.EvaluatorConfig``), ``run`` and
+``cluster``.
 
 The YAMLs under ``search_spaces/`` extend ``space_schema``, so a misspelt key fails when Hydra
 composes the config, naming the key. Values that only make sense together (a gene the method
@@ -84,7 +85,7 @@ class StrategyConfig:
     budget: int = 100
     population_size: Optional[int] = None
     num_objectives: int = 1
-    num_workers: int = 1  # candidates in flight at once (Nevergrad plans for them)
+    num_workers: Optional[int] = None  # candidates in flight at once (null: the cluster's workers)
     seed: int = 0
     initial: Any = "uniform"
     failure_loss: float = 1.0e6
@@ -138,6 +139,35 @@ class RunConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where candidates are scored: ``serial`` (one worker in the search's own process) or
+    ``ray`` (``num_workers`` Ray actors, each with the sources resident, one live model and
+    one evaluator).
+
+    ``address``: null starts a local Ray for the run (``num_cpus`` CPUs, default the workers'
+    total; GPUs detected; dashboard off) and stops it at the end; ``auto``, ``HOST:PORT`` or
+    ``ray://HOST:10001`` joins a running cluster (every node must reach the model paths).
+    ``cpus_per_worker``/``gpus_per_worker``: each actor's Ray resource request (a worker's
+    torch threads default to its CPUs). ``mode``: ``async`` gives a free worker the next
+    candidate at once; ``generational`` dispatches ``num_workers`` candidates, waits for all
+    and reports them in candidate order (a barrier, as a serial run orders them).
+    ``max_retries``: how often a candidate is retried after its worker process died (the
+    worker is restarted and its sources reloaded first); then it is archived as failed.
+    ``max_restarts``: worker restarts in all before the run stops (resumable).
+    """
+
+    backend: str = "serial"
+    address: Optional[str] = None
+    num_workers: int = 1
+    num_cpus: Optional[float] = None
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    mode: str = "async"
+    max_retries: int = 2
+    max_restarts: int = 20
+
+
+@dataclass
 class SearchCommand:
     """``fuse-evo search``: evolve merge recipes of ``models`` in ``space`` with ``strategy``,
     scored by ``evaluator`` (its ``objectives``), archived and checkpointed in ``run.dir``."""
@@ -149,6 +179,7 @@ class SearchCommand:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def register() -> None:
@@ -157,6 +188,7 @@ def register() -> None:
     cs.store(group="strategy", name="strategy_schema", node=StrategyConfig)
     cs.store(group="models", name="models_schema", node=ModelsConfig)
     cs.store(group="run", name="run_schema", node=RunConfig)
+    cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
     cs.store(name="search_schema", node=SearchCommand)
 
 

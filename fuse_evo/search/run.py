@@ -46,7 +46,7 @@ from ..errors import ConfigError, FuseEvoError
 from ..recipe import Recipe
 from .archive import CONFIG_FILE, DB_FILE, Archive, Trial, default_url
 from .config import ModelsConfig, SearchCommand
-from .scheduler import Job, Result, Scheduler, SerialScheduler, WorkerSpec
+from .scheduler import Job, Result, Scheduler, WorkerSpec, check_cluster, make_scheduler
 from .space import SearchSpace, SpaceError
 from .strategies import Candidate, Strategy, StrategyError, StudyMirror, make_strategy
 
@@ -60,7 +60,7 @@ OUR_FILES = (CONFIG_FILE, DB_FILE, STRATEGY_FILE, LOG_FILE)
 CHECKPOINT_FORMAT = 1
 # keys that may change between a run and its resume without changing what is searched
 RESUME_SAFE = ("run.budget", "strategy.budget", "run.overwrite", "run.progress", "run.id", "run.dir",
-               "run.threads", "run.dashboard")
+               "run.threads", "run.dashboard", "cluster", "strategy.num_workers")
 
 
 class RunDirError(FuseEvoError):
@@ -321,7 +321,7 @@ class Search:
 
     def __init__(self, cmd: SearchCommand, scheduler_factory=None):
         self.cmd = cmd
-        self._scheduler_factory = scheduler_factory or SerialScheduler
+        self._scheduler_factory = scheduler_factory or (lambda spec: make_scheduler(spec, self.cmd.cluster))
         self._stack = ExitStack()
         try:
             self._stack.enter_context(_lock(Path(cmd.run.dir).expanduser().resolve()))
@@ -337,8 +337,12 @@ class Search:
         self.budget = int(cmd.run.budget)
         if self.budget < 1:
             raise ConfigError(f"run.budget: must be at least 1, got {cmd.run.budget}")
+        check_cluster(cmd.cluster)
+        strategy = cmd.strategy
+        if strategy.num_workers is None:  # the optimizer plans for as many candidates in flight as workers
+            strategy = replace(strategy, num_workers=int(cmd.cluster.num_workers))
         run = replace(cmd.run, id=self.run_id)
-        self.cmd = cmd = replace(cmd, run=run)
+        self.cmd = cmd = replace(cmd, run=run, strategy=strategy)
         self.config_yaml = command_yaml(cmd)
         log.info("%s run %s in %s (%s)", "resuming" if self.resumed else "starting", self.run_id, self.run_dir, cmd.name)
 
@@ -371,8 +375,10 @@ class Search:
         )
 
         strategy_cfg = cmd.strategy
-        if self.resumed and stored is not None:  # the optimizer planned for its first budget
-            strategy_cfg = replace(strategy_cfg, budget=int((stored.get("strategy") or {}).get("budget", strategy_cfg.budget)))
+        if self.resumed and stored is not None:  # the optimizer planned for its first budget and workers
+            first = stored.get("strategy") or {}
+            strategy_cfg = replace(strategy_cfg, budget=int(first.get("budget", strategy_cfg.budget)),
+                                   num_workers=int(first.get("num_workers") or strategy_cfg.num_workers))
         self.strategy = make_strategy(strategy_cfg, self.space)
         self._stack.callback(self.strategy.close)
 
@@ -477,6 +483,7 @@ class Search:
             trial.metrics, trial.objectives, trial.error = result.metrics, result.objectives, result.error
             trial.worker, trial.started, trial.finished, trial.timings = (result.worker, result.started,
                                                                            result.finished, result.timings)
+            trial.attempts = result.attempts
         elif original is not None:
             trial.metrics, trial.objectives, trial.error = original.metrics, original.objectives, original.error
             trial.duplicate_of = original.number
@@ -557,6 +564,13 @@ class Search:
         redispatch = sorted(self.strategy.pending(), key=lambda c: c.id)
         in_flight: dict[int, tuple[Candidate, Recipe]] = {}
         held: dict[str, list[Candidate]] = {}  # same recipe as one in flight: told its result
+        limit = scheduler.capacity
+        if self.strategy.max_in_flight is not None and self.strategy.max_in_flight < limit:
+            limit = self.strategy.max_in_flight
+            log.warning("%s evaluates %d candidate(s) at a time: %d of %d workers will idle (set "
+                        "strategy.num_workers to the workers, or pick another optimizer)", self.strategy.name,
+                        limit, scheduler.capacity - limit, scheduler.capacity)
+        busy, started = 0.0, time.time()
 
         with ExitStack() as ui:
             if self.cmd.run.progress:
@@ -569,7 +583,8 @@ class Search:
                 waiting = len(in_flight) + sum(len(v) for v in held.values())
                 if done >= self.budget and not waiting:
                     break
-                while scheduler.free() > 0 and done + len(in_flight) + sum(len(v) for v in held.values()) < self.budget:
+                while (scheduler.free() > 0 and len(in_flight) + sum(len(v) for v in held.values()) < limit
+                       and done + len(in_flight) + sum(len(v) for v in held.values()) < self.budget):
                     if redispatch:
                         candidate = redispatch.pop(0)
                     else:
@@ -593,10 +608,15 @@ class Search:
                 if not in_flight:
                     continue
                 for result in scheduler.wait():
+                    busy += max(0.0, result.finished - result.started)
                     candidate, recipe = in_flight.pop(result.candidate_id)
                     trial = self._record(candidate, recipe, result.status, result=result)
                     for twin in held.pop(recipe.key, []):
                         self._record(twin, recipe, "duplicate", original=trial)
+        wall = time.time() - started
+        if busy and wall > 0:
+            log.info("workers: %d, busy %.1f%% of %.1f s (idle %.1f%%)", scheduler.capacity,
+                     100 * busy / (scheduler.capacity * wall), wall, 100 - 100 * busy / (scheduler.capacity * wall))
         done = self.archive.count()
         log.info("run %s finished its budget: %d evaluations%s", self.run_id, done,
                  "" if self.best is None else f"; best trial {self.best.number}, scalar {self.best.scalar:.4f} "

@@ -7,9 +7,10 @@ merge or the evaluation, or a non-finite objective, comes back as a ``failed`` r
 the error text.
 
 A ``Scheduler`` hands jobs to workers: ``submit(job)`` while ``free()``, then ``wait()`` for
-the results that are done. ``SerialScheduler`` runs one in-process worker; a Ray scheduler
-(one actor per device, asynchronous dispatch) plugs in behind the same three calls, building
-its actors from the same plain, picklable ``WorkerSpec``.
+the results that are done. ``SerialScheduler`` runs one in-process worker;
+``ray_scheduler.RayScheduler`` (one actor per worker slot, asynchronous dispatch, restarts)
+plugs in behind the same three calls, building its actors from the same plain, picklable
+``WorkerSpec``. ``make_scheduler`` picks one from the ``cluster`` config.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import EvaluatorConfig
-from ..errors import FuseEvoError
+from ..errors import ConfigError, FuseEvoError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Result:
     started: float = 0.0
     finished: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    attempts: int = 1  # > 1: its worker died and it was retried on a restarted one
 
 
 class Worker:
@@ -112,6 +114,8 @@ class Worker:
                  len(spec.sources), len(self.evaluator.task_names))
 
     def run(self, job: Job) -> Result:
+        import torch
+
         from ..evaluate.objectives import measure_costs
         from ..recipe import Recipe
 
@@ -137,6 +141,8 @@ class Worker:
                 result.status = "complete"
         except Exception as e:  # a bad candidate fails alone; the search goes on
             result.error = f"{type(e).__name__}: {e}".strip()
+            if isinstance(e, torch.OutOfMemoryError):  # the next candidate gets the memory back
+                torch.cuda.empty_cache()
             log.debug("candidate %d failed:\n%s", job.candidate_id, traceback.format_exc())
         timings["total"] = time.perf_counter() - t0
         result.timings = timings
@@ -179,8 +185,8 @@ class SerialScheduler(Scheduler):
 
     capacity = 1
 
-    def __init__(self, spec: WorkerSpec):
-        self.worker = Worker(spec)
+    def __init__(self, spec: WorkerSpec, worker_class: type[Worker] = Worker):
+        self.worker = worker_class(spec)
         self._queue: deque[Job] = deque()
 
     @property
@@ -199,3 +205,35 @@ class SerialScheduler(Scheduler):
 
     def in_flight(self) -> int:
         return len(self._queue)
+
+
+MODES = ("async", "generational")
+
+
+def check_cluster(cluster: Any) -> None:
+    """A ``cluster`` config (``search.config.ClusterConfig``) that makes sense, or a
+    ConfigError naming the key: checked before any model is loaded or Ray started."""
+    if cluster.backend not in ("serial", "ray"):
+        raise ConfigError(f"cluster.backend: {cluster.backend!r} is not one of serial, ray")
+    if cluster.mode not in MODES:
+        raise ConfigError(f"cluster.mode: {cluster.mode!r} is not one of {', '.join(MODES)}")
+    for key, least in (("num_workers", 1), ("cpus_per_worker", 0), ("gpus_per_worker", 0), ("max_retries", 0),
+                       ("max_restarts", 0)):
+        value = getattr(cluster, key)
+        if value is None or value < least:
+            raise ConfigError(f"cluster.{key}: must be at least {least}, got {value}")
+    if cluster.backend == "serial" and cluster.num_workers != 1:
+        raise ConfigError(f"cluster.num_workers: the serial backend runs 1 worker, got {cluster.num_workers}; "
+                          "use cluster=ray for more")
+    if cluster.num_cpus is not None and cluster.address is not None:
+        raise ConfigError("cluster.num_cpus: only for a local Ray (no cluster.address); a joined cluster has its own")
+
+
+def make_scheduler(spec: WorkerSpec, cluster: Any) -> Scheduler:
+    """The scheduler a ``cluster`` config names (checked by ``check_cluster``)."""
+    check_cluster(cluster)
+    if cluster.backend == "ray":
+        from .ray_scheduler import RayScheduler
+
+        return RayScheduler(spec, cluster)
+    return SerialScheduler(spec)

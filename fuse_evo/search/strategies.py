@@ -62,6 +62,7 @@ class Strategy(ABC):
         self.population_size = config.population_size
         self.n_asked = 0
         self.n_told = 0
+        self.max_in_flight: int | None = None  # candidates asked and not told at once (None: any number)
         self._next_id = 0
         self._pending: dict[int, tuple[Candidate, Any]] = {}  # id -> (candidate, backend handle)
 
@@ -220,11 +221,13 @@ class NevergradStrategy(Strategy):
             raise ConfigError(f"strategy.population_size: nevergrad's {name} takes none (only "
                               f"{', '.join(_NG_POPULATION)} do); set it to null")
         if getattr(self._family, "no_parallelization", False) and config.num_workers > 1:
-            raise ConfigError(f"strategy.num_workers: nevergrad's {name} evaluates one candidate at a time")
+            raise ConfigError(f"strategy.num_workers: nevergrad's {name} evaluates one candidate at a time; set "
+                              "strategy.num_workers=1 (the other workers then idle) or pick another optimizer")
         self._start = self._initial()
         self.optimizer = self._build()
         chosen = self.optimizer.optim if isinstance(self.optimizer, NGOptBase) else self.optimizer
         self._one_at_a_time = chosen.name if chosen.no_parallelization else None
+        self.max_in_flight = 1 if self._one_at_a_time else None
         self._replay = any(isinstance(o, RecastOptimizer) for o in _ng_tree(self.optimizer))
         self._log: list[list] = []  # when replayed: ["ask", genome] and ["tell", id, loss]
 
@@ -537,6 +540,8 @@ def make_strategy(config: StrategyConfig, space: SearchSpace) -> Strategy:
         value = getattr(config, key)
         if value is not None and value < least:
             raise ConfigError(f"strategy.{key}: must be at least {least}, got {value}")
+    if config.num_workers is None:
+        config = replace(config, num_workers=1)
     if config.optimizer is None and _DEFAULT_OPTIMIZER[config.backend]:
         config = replace(config, optimizer=_DEFAULT_OPTIMIZER[config.backend])
     return BACKENDS[config.backend](config, space)

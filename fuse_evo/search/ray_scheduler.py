@@ -1,0 +1,276 @@
+"""The Ray backend of the scheduler seam: one actor per worker slot, asynchronous dispatch,
+restarts and retries. The only module that imports ray.
+
+Each actor builds a ``Worker`` from the run's ``WorkerSpec`` (the source models loaded from
+their paths, resident on the actor's device; one live model; one evaluator) and scores jobs
+one at a time. Sources reach the actors by path, not through the object store: every actor
+loads its own copy of the safetensors files (memory-mapped, from the page cache on a node
+once one actor has read them), which costs no driver memory, no object-store copy, and
+makes a restarted actor self-sufficient (see README "Distributed").
+
+Dispatch: ``submit`` gives a job to a free slot at once; ``wait`` returns as soon as any job
+is done (``ray.wait``), so one slow candidate never idles the others (``async``), or, in
+``generational`` mode, when every job in flight is done, in candidate order (a barrier).
+
+Faults: an actor process that dies mid-job (killed, segfault, Ray's OOM killer) is replaced
+by a fresh actor (sources reloaded) and the job retried on it, up to ``max_retries`` times per
+job; then the job comes back ``failed`` with the cause, and the search goes on. A job killed
+for memory is not retried (it would be killed again): it fails alone. Worker restarts are
+capped by ``max_restarts`` for the whole run, beyond which the run stops (and resumes later).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, OutOfMemoryError, RayActorError, RayError
+
+from ..errors import FuseEvoError
+from .config import ClusterConfig
+from .scheduler import Job, Result, Scheduler, Worker, WorkerSpec, check_cluster
+
+log = logging.getLogger(__name__)
+
+# what a local Ray's workers inherit from the search's environment (a joined cluster's
+# workers get them through the job's runtime_env)
+_PASSED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_TOKEN", "TRANSFORMERS_OFFLINE",
+               "TOKENIZERS_PARALLELISM")
+
+
+class SchedulerError(FuseEvoError):
+    """The cluster cannot run the workers asked for, or they keep dying."""
+
+
+class _WorkerActor:
+    """The actor around a Worker. A Worker that cannot be built (models that cannot be merged,
+    unknown tasks) is reported by ``ready()`` instead of raised, so Ray does not count a
+    configuration error as a crash."""
+
+    def __init__(self, spec: WorkerSpec, worker_class: type[Worker]):
+        self.worker: Worker | None = None
+        self.error: str | None = None
+        try:
+            self.worker = worker_class(spec)
+        except Exception as e:  # noqa: BLE001 - reported by ready()
+            self.error = f"{type(e).__name__}: {e}"
+
+    def ready(self) -> dict[str, Any]:
+        w = self.worker
+        return {"pid": os.getpid(), "error": self.error, "name": None if w is None else w.name,
+                "build_seconds": None if w is None else w.build_seconds}
+
+    def run(self, job: Job) -> Result:
+        if self.worker is None:
+            raise FuseEvoError(f"worker not built: {self.error}")
+        return self.worker.run(job)
+
+
+@dataclass
+class _Slot:
+    index: int
+    actor: Any = None
+    pid: int | None = None
+    name: str = ""
+    job: Job | None = None
+    ref: Any = None
+    attempt: int = 1  # of the job it runs
+
+
+class RayScheduler(Scheduler):
+    """``num_workers`` Ray actors behind submit / wait / in_flight (see the module docstring)."""
+
+    def __init__(self, spec: WorkerSpec, cluster: ClusterConfig, worker_class: type[Worker] = Worker):
+        check_cluster(cluster)
+        self.cluster = cluster
+        self.capacity = int(cluster.num_workers)
+        self.generational = cluster.mode == "generational"
+        self.restarts = 0
+        self._worker_class = worker_class
+        self._owns_ray = False
+        self._slots: list[_Slot] = []
+        if spec.threads is None and cluster.cpus_per_worker >= 1:
+            spec = replace(spec, threads=int(cluster.cpus_per_worker))  # no more torch threads than CPUs
+        self._spec = spec
+        try:
+            self._connect()
+            self._check_resources()
+            self._actor_class = ray.remote(_WorkerActor).options(
+                num_cpus=cluster.cpus_per_worker, num_gpus=cluster.gpus_per_worker, max_restarts=0,
+                max_task_retries=0)
+            self._slots = [_Slot(i) for i in range(self.capacity)]
+            for slot in self._slots:
+                self._start(slot)
+            self._await_ready(self._slots)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ cluster
+    def _connect(self) -> None:
+        c = self.cluster
+        env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
+        if ray.is_initialized():  # a notebook (or a test) that started Ray itself: use it, leave it running
+            return
+        if c.address is None:
+            num_cpus = c.num_cpus if c.num_cpus is not None else math.ceil(c.num_workers * c.cpus_per_worker)
+            ray.init(address="local", num_cpus=max(1, math.ceil(num_cpus)), include_dashboard=False,
+                     log_to_driver=False,
+                     logging_level=logging.WARNING, runtime_env={"env_vars": env} if env else None)
+            where = f"a local Ray ({num_cpus:g} CPUs)"
+        else:
+            try:
+                ray.init(address=c.address, logging_level=logging.WARNING, log_to_driver=False,
+                         runtime_env={"env_vars": env} if env else None)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise SchedulerError(f"cluster.address: cannot join the Ray cluster at {c.address!r} ({e})") from None
+            where = f"the Ray cluster at {c.address}"
+        self._owns_ray = True
+        log.info("started %s for %d workers", where, c.num_workers)
+
+    def _check_resources(self) -> None:
+        """Fail fast where Ray would wait forever for resources the cluster lacks."""
+        c, total = self.cluster, ray.cluster_resources()
+        where = f"the Ray cluster at {c.address}" if c.address else "the local Ray"
+        for key, resource in (("gpus_per_worker", "GPU"), ("cpus_per_worker", "CPU")):
+            per = float(getattr(c, key))
+            need, have = per * c.num_workers, float(total.get(resource, 0.0))
+            if need > have + 1e-9:
+                hint = ("" if resource == "CPU" or c.address else
+                        "; Ray found no GPU on this machine (CUDA_VISIBLE_DEVICES?)" if have == 0 else "")
+                raise SchedulerError(f"cluster.{key}: {c.num_workers} workers x {per:g} {resource} need {need:g} "
+                                     f"{resource}s, {where} has {have:g}{hint}")
+
+    # ------------------------------------------------------------------ actors
+    def _start(self, slot: _Slot) -> None:
+        slot.actor = self._actor_class.remote(self._spec, self._worker_class)
+        slot.pid, slot.name = None, f"ray worker {slot.index}"
+
+    def _await_ready(self, slots: list[_Slot]) -> None:
+        refs = {slot.actor.ready.remote(): slot for slot in slots}
+        for ref, slot in refs.items():
+            try:
+                info = ray.get(ref)
+            except RayActorError as e:
+                raise SchedulerError(f"worker {slot.index} died while loading the models: {_cause(e)}") from None
+            if info["error"]:
+                raise FuseEvoError(info["error"])  # the worker's own message (models, tasks), as the serial one
+            slot.pid, slot.name = info["pid"], info["name"]
+            log.info("worker %d (%s) ready in %.1f s", slot.index, slot.name, info["build_seconds"])
+
+    def _restart(self, slot: _Slot, why: str) -> None:
+        if self.restarts >= self.cluster.max_restarts:
+            raise SchedulerError(f"workers died {self.restarts + 1} times (cluster.max_restarts "
+                                 f"{self.cluster.max_restarts}); last: worker {slot.index}: {why}. Every result so "
+                                 "far is archived: the same command resumes the run")
+        self.restarts += 1
+        try:
+            ray.kill(slot.actor, no_restart=True)
+        except RayError:
+            pass
+        self._start(slot)  # the next job queues behind its constructor; ready() is not awaited
+
+    def pids(self) -> list[int | None]:
+        """The process id of each worker slot's actor (None until it reported ready)."""
+        for slot in self._slots:
+            if slot.pid is None:
+                try:
+                    slot.pid = ray.get(slot.actor.ready.remote(), timeout=600)["pid"]
+                except (RayError, GetTimeoutError):
+                    pass
+        return [slot.pid for slot in self._slots]
+
+    @property
+    def workers(self) -> list[str]:
+        return [slot.name for slot in self._slots]
+
+    # ------------------------------------------------------------------ the seam
+    def submit(self, job: Job) -> None:
+        slot = next((s for s in self._slots if s.job is None), None)
+        if slot is None:
+            raise RuntimeError("RayScheduler.submit: every worker is busy")
+        self._dispatch(slot, job, attempt=1)
+
+    def _dispatch(self, slot: _Slot, job: Job, attempt: int) -> None:
+        slot.job, slot.attempt = job, attempt
+        slot.ref = slot.actor.run.remote(job)
+
+    def in_flight(self) -> int:
+        return sum(s.job is not None for s in self._slots)
+
+    def wait(self) -> list[Result]:
+        busy = [s for s in self._slots if s.job is not None]
+        if not busy:
+            raise RuntimeError("RayScheduler.wait: nothing submitted")
+        results: list[Result] = []
+        while True:
+            busy = [s for s in self._slots if s.job is not None]
+            if not busy or (results and not self.generational):
+                break
+            by_ref = {s.ref: s for s in busy}
+            ready, rest = ray.wait(list(by_ref), num_returns=1)
+            if rest:  # and whatever else is done by now
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+            for ref in ready:
+                result = self._collect(by_ref[ref])
+                if result is not None:
+                    results.append(result)
+        return sorted(results, key=lambda r: r.candidate_id) if self.generational else results
+
+    def _collect(self, slot: _Slot) -> Result | None:
+        """The finished job's result; or, if its worker died, a retry (None) or a failure."""
+        job, attempt = slot.job, slot.attempt
+        try:
+            result = ray.get(slot.ref)
+            slot.job = slot.ref = None
+            result.attempts = attempt
+            return result
+        except OutOfMemoryError as e:
+            cause, retry = f"killed for memory: {_cause(e)}", False
+        except RayActorError as e:
+            cause = _cause(e)
+            retry = attempt <= self.cluster.max_retries
+        except RayError as e:  # the task failed in Ray itself, not in the worker's code
+            slot.job = slot.ref = None
+            return Result(job.candidate_id, "failed", error=f"{type(e).__name__}: {_cause(e)}", worker=slot.name,
+                          attempts=attempt)
+        died = slot.name
+        slot.job = slot.ref = None
+        self._restart(slot, cause)
+        if retry:
+            log.warning("worker %d (%s) died running candidate %d (%s); restarted, retrying the candidate "
+                        "(attempt %d of %d)", slot.index, died, job.candidate_id, cause, attempt + 1,
+                        self.cluster.max_retries + 1)
+            self._dispatch(slot, job, attempt + 1)
+            return None
+        log.warning("worker %d (%s) died running candidate %d (%s); restarted; the candidate failed after %d "
+                    "attempt(s)", slot.index, died, job.candidate_id, cause, attempt)
+        now = time.time()
+        return Result(job.candidate_id, "failed", worker=died, started=now, finished=now, attempts=attempt,
+                      error=f"worker died {attempt} time(s) running this candidate; last: {cause}")
+
+    def close(self) -> None:
+        for slot in self._slots:
+            if slot.actor is not None:
+                try:
+                    ray.kill(slot.actor, no_restart=True)
+                except RayError:
+                    pass
+        self._slots = []
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+        self._owns_ray = False
+
+
+def _cause(error: BaseException) -> str:
+    """The first informative line of a Ray error (they run to a screen of text)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    for ln in lines:
+        if "exit detail" in ln.lower() or "killed" in ln.lower():
+            return ln[:300]
+    return (lines[0] if lines else type(error).__name__)[:300]

@@ -1,0 +1,133 @@
+"""The Ray backend on the micro zoo, with a real local Ray cluster: 2 workers in generational
+mode archive what the serial backend archives; killing a worker's process mid-candidate
+restarts it and retries the candidate (or records it failed once its retries are spent), and
+the search finishes its budget; a Ray search killed with SIGKILL resumes; bad cluster configs
+and impossible resource requests fail fast."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+
+from fuse_evo.errors import ConfigError
+from fuse_evo.search.archive import Archive
+from fuse_evo.search.ray_scheduler import RayScheduler, SchedulerError
+from fuse_evo.search.run import run_search
+
+from test_search_run import REPO, _count, check_archive, command, zoo_dir
+
+CMA4 = ["strategy.population_size=4", "run.dashboard=false"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module (schedulers use a running Ray and leave it running)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _content(run_dir):
+    with Archive.open(run_dir) as archive:
+        return [(t.number, t.candidate_id, t.status, t.recipe_key, t.genome, t.objectives, t.duplicate_of)
+                for t in archive.trials()]
+
+
+def test_two_ray_workers_in_generational_mode_archive_what_serial_does(micro_zoo, tmp_path, local_ray):
+    serial = run_search(command(micro_zoo, tmp_path / "serial", "run.budget=8", *CMA4))
+    distributed = run_search(command(micro_zoo, tmp_path / "ray", "run.budget=8", *CMA4, "cluster=ray",
+                                     "cluster.num_workers=2", "cluster.mode=generational"))
+    assert serial.evaluations == distributed.evaluations == 8
+    assert _content(tmp_path / "ray") == _content(tmp_path / "serial")
+    with Archive.open(tmp_path / "ray") as archive:
+        workers = {t.worker for t in archive.trials("complete")}
+        assert len(workers) == 2 and all(w.endswith(":cpu") for w in workers)  # both workers scored
+        assert archive.config["strategy"]["num_workers"] == 2  # the optimizer planned for 2 in flight
+    check_archive(tmp_path / "ray", 8)
+
+
+class _Killing(RayScheduler):
+    """Kills the worker process a job was just dispatched to (SIGKILL, by pid), for the
+    candidates and attempts listed in ``kills``."""
+
+    kills: dict[int, set[int]] = {}
+    killed: list[tuple[int, int, int]] = []
+
+    def _dispatch(self, slot, job, attempt):
+        kill = attempt in self.kills.get(job.candidate_id, ())
+        pid = ray.get(slot.actor.ready.remote())["pid"] if kill else None  # before the job: it queues behind
+        super()._dispatch(slot, job, attempt)
+        if kill:
+            os.kill(pid, signal.SIGKILL)
+            type(self).killed.append((job.candidate_id, attempt, pid))
+
+
+def test_killed_workers_are_restarted_and_candidates_retried(micro_zoo, tmp_path, local_ray):
+    cmd = command(micro_zoo, tmp_path / "run", "run.budget=8", *CMA4, "cluster=ray", "cluster.num_workers=2",
+                  "cluster.max_retries=1")
+    _Killing.kills, _Killing.killed = {2: {1}, 4: {1, 2}}, []  # 2: once (retried); 4: twice (spent)
+    result = run_search(cmd, scheduler_factory=lambda spec: _Killing(spec, cmd.cluster))
+    assert result.evaluations == 8 and [k[:2] for k in _Killing.killed] == [(2, 1), (4, 1), (4, 2)]
+    with Archive.open(tmp_path / "run") as archive:
+        trials = {t.candidate_id: t for t in archive.trials()}
+    assert sorted(trials) == list(range(8))
+    assert trials[2].status == "complete" and trials[2].attempts == 2
+    assert str(_Killing.killed[0][2]) not in trials[2].worker  # scored by the restarted process
+    assert trials[4].status == "failed" and trials[4].attempts == 2
+    assert "worker died 2 time(s) running this candidate" in trials[4].error
+    assert all(t.status == "complete" and t.attempts == 1 for c, t in trials.items() if c not in (2, 4))
+
+
+def test_ray_search_resumes_after_sigkill(micro_zoo, tmp_path):
+    budget = 16
+    run_dir = tmp_path / "killed"
+    args = ["experiment=micro", f"models.zoo.out_dir={zoo_dir(micro_zoo)}", f"run.dir={run_dir}",
+            f"run.budget={budget}", "cluster=ray", "cluster.num_workers=2", "run.dashboard=false"]
+    cmd = [sys.executable, "-m", "fuse_evo.cli", "search", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while _count(run_dir / "archive.db") < 4:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.time() < deadline, "the search did not start evaluating"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = _count(run_dir / "archive.db")
+    assert 4 <= killed_at < budget
+    before = {t.number: t.to_dict() for t in Archive.open(run_dir).trials()}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"{budget} of {budget} evaluations (resumed)" in done.stdout
+    trials = check_archive(run_dir, budget).trials()
+    assert all(trials[n].to_dict() == before[n] for n in before)
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (["cluster.mode=steady"], ConfigError, r"cluster.mode: 'steady' is not one of async, generational"),
+    (["cluster.num_workers=0"], ConfigError, r"cluster.num_workers: must be at least 1"),
+    (["cluster.backend=dask"], ConfigError, r"cluster.backend: 'dask' is not one of serial, ray"),
+    (["cluster.gpus_per_worker=1"], SchedulerError, r"cluster.gpus_per_worker: 2 workers x 1 GPU need 2 GPUs, "
+                                                    r"the local Ray has 0"),
+    (["cluster.cpus_per_worker=4"], SchedulerError, r"cluster.cpus_per_worker: 2 workers x 4 CPU need 8 CPUs"),
+])
+def test_bad_cluster_configs_fail_before_any_evaluation(micro_zoo, tmp_path, local_ray, overrides, error, message):
+    cmd = command(micro_zoo, tmp_path / "run", "run.budget=2", "cluster=ray", *overrides)
+    with pytest.raises(error, match=message):
+        run_search(cmd)
+    assert _count(tmp_path / "run" / "archive.db") == 0
+
+
+def test_serial_backend_refuses_more_workers(micro_zoo, tmp_path):
+    with pytest.raises(ConfigError, match="cluster.num_workers: the serial backend runs 1 worker, got 2"):
+        run_search(command(micro_zoo, tmp_path / "run", "cluster.num_workers=2"))
