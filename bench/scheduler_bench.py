@@ -17,13 +17,17 @@ generation lengths or methods make them vary in real searches.
 Figures from the archive's worker timestamps: candidates per minute over the span from the
 first candidate's start to the last one's finish (worker start-up reported apart), and the
 idle fraction of the workers over that span, ``1 - sum(job seconds) / (workers x span)``.
-Ratios are against ``ray x1`` measured in the same run.
+Ratios are against ``ray x1`` measured in the same run; every schedule runs ``--rounds``
+times, interleaved, and the median round is reported (a shared 2-core machine is noisy).
 
 Sources: ``--sources-probe`` also times the two ways a worker can get the source models:
 loading them from their paths (what the workers do) vs receiving them from Ray's object
 store (``ray.put`` once, ``ray.get`` in the actor).
 
-    python bench/scheduler_bench.py --zoo runs/zoo-tiny --candidates 60 --sources-probe
+    python bench/scheduler_bench.py --zoo runs/zoo-tiny --candidates 60 --sources-probe \
+        --probe-models /tmp/mb_full/base /tmp/mb_full/expert0 /tmp/mb_full/expert1 /tmp/mb_full/expert2
+
+(the 134M models from ``python bench/merge_bench.py --workdir /tmp/mb_full``).
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ def measure(name: str, overrides: list[str], workdir: Path, factory) -> dict:
     from fuse_evo.search.run import run_search
 
     run_dir = workdir / name.replace(" ", "_")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     cmd = compose(overrides + [f"run.dir={run_dir}"])
     t0 = time.perf_counter()
     run_search(cmd, scheduler_factory=(lambda spec: factory(spec, cmd)))
@@ -111,11 +116,12 @@ def sources_probe(zoo_models: dict) -> dict:
 
         def from_store(self, refs):
             t0 = time.perf_counter()
-            arrays = ray.get(refs[0])
-            tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+            arrays = ray.get(refs[0])  # numpy views of the store's shared memory (bf16 travels as int16)
+            tensors = {k: torch.from_numpy(v).view(torch.bfloat16) if v.dtype.name == "int16" else torch.from_numpy(v)
+                       for k, v in arrays.items()}
             return time.perf_counter() - t0, sum(t.numel() for t in tensors.values())
 
-    from safetensors.numpy import load_file
+    from safetensors.torch import load_file
 
     base, sources = zoo_models["base"], zoo_models["sources"]
     probe = Probe.remote()
@@ -123,7 +129,8 @@ def sources_probe(zoo_models: dict) -> dict:
     arrays = {}
     for i, folder in enumerate([base, *sources.values()]):
         for f in sorted(Path(folder).glob("*.safetensors")):
-            arrays.update({f"{i}.{k}": v for k, v in load_file(f).items()})
+            arrays.update({f"{i}.{k}": (v.view(torch.int16) if v.dtype == torch.bfloat16 else v).numpy()
+                           for k, v in load_file(f).items()})
     t0 = time.perf_counter()
     ref = ray.put(arrays)
     put_s = time.perf_counter() - t0
@@ -138,7 +145,12 @@ def main() -> int:
     parser.add_argument("--zoo", type=Path, required=True, help="a built zoo (fuse-evo zoo zoo=tiny zoo.out_dir=DIR)")
     parser.add_argument("--zoo-config", default="zoo_tiny", help="the models group the zoo was built with")
     parser.add_argument("--candidates", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="each schedule runs this many times, interleaved; the median round is reported")
     parser.add_argument("--sources-probe", action="store_true")
+    parser.add_argument("--probe-models", type=Path, nargs="+", default=None,
+                        help="model folders for the sources probe (default: the zoo's base and specialists), "
+                        "e.g. bench/merge_bench.py's 134M models")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scheduler_bench.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -157,23 +169,36 @@ def main() -> int:
         def ray_factory(spec, cmd):
             return RayScheduler(spec, cmd.cluster, worker_class=UnequalWorker)
 
-        rows.append(measure("serial", base, workdir, lambda spec, cmd: SerialScheduler(spec, UnequalWorker)))
-        rows.append(measure("ray x1", base + ["cluster=ray", "cluster.num_workers=1"], workdir, ray_factory))
-        rows.append(measure("ray x2 async", base + ["cluster=ray", "cluster.num_workers=2"], workdir, ray_factory))
-        rows.append(measure("ray x2 generational", base + ["cluster=ray", "cluster.num_workers=2",
-                                                          "cluster.mode=generational"], workdir, ray_factory))
+        schedules = [
+            ("serial", [], lambda spec, cmd: SerialScheduler(spec, UnequalWorker)),
+            ("ray x1", ["cluster=ray", "cluster.num_workers=1"], ray_factory),
+            ("ray x2 async", ["cluster=ray", "cluster.num_workers=2"], ray_factory),
+            ("ray x2 generational", ["cluster=ray", "cluster.num_workers=2", "cluster.mode=generational"], ray_factory),
+        ]
+        runs: dict[str, list[dict]] = {name: [] for name, _, _ in schedules}
+        for r in range(args.rounds):  # interleaved, so a change of machine load hits every schedule
+            for name, extra, factory in schedules:
+                runs[name].append(measure(name, base + extra, workdir / f"round{r}", factory))
+        for name, measured in runs.items():
+            measured.sort(key=lambda row: row["per_minute"])
+            rows.append({**measured[len(measured) // 2], "rounds_per_minute": [m["per_minute"] for m in measured]})
         probe = None
         if args.sources_probe:
             cmd = compose(base + [f"run.dir={workdir / 'probe'}"])
             from fuse_evo.search.run import resolve_models
 
-            m = resolve_models(cmd.models, progress=False)
-            probe = sources_probe({"base": m.base, "sources": m.sources})
+            if args.probe_models:
+                folders = [str(p) for p in args.probe_models]
+                probe = sources_probe({"base": folders[0], "sources": {str(i): f for i, f in enumerate(folders[1:])}})
+            else:
+                m = resolve_models(cmd.models, progress=False)
+                probe = sources_probe({"base": m.base, "sources": m.sources})
     finally:
         ray.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
     one = next(r for r in rows if r["schedule"] == "ray x1")
-    print(f"{args.candidates} candidates (costs 1x/2x/3x), {os.cpu_count()} CPUs, one torch thread per worker\n")
+    print(f"{args.candidates} candidates (costs 1x/2x/3x), {os.cpu_count()} CPUs, one torch thread per worker, "
+          f"median of {args.rounds} rounds\n")
     print(f"{'schedule':<22}{'cand/min':>10}{'vs ray x1':>11}{'idle':>8}{'mean job s':>12}{'start-up s':>12}")
     for r in rows:
         r["vs_ray_x1"] = round(r["per_minute"] / one["per_minute"], 2)
@@ -183,7 +208,7 @@ def main() -> int:
         print(f"\nsources to a worker ({probe['bytes'] / 2**20:.1f} MiB): from paths {probe['from_paths_s']:.3f} s; "
               f"object store put {probe['object_store_put_s']:.3f} s + get {probe['object_store_get_s']:.3f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows, "sources_probe": probe, "candidates": args.candidates,
+    args.out.write_text(json.dumps({"rows": rows, "sources_probe": probe, "candidates": args.candidates, "rounds": args.rounds,
                                     "cpus": os.cpu_count(), "machine": platform.platform(),
                                     "load_average": os.getloadavg()}, indent=2))
     return 0
