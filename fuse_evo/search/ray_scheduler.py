@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, OutOfMemoryError, RayActorError, RayError
+from ray.exceptions import OutOfMemoryError, RayActorError, RayError
 
 from ..errors import FuseEvoError
 from .config import ClusterConfig
@@ -114,14 +114,14 @@ class RayScheduler(Scheduler):
     # ------------------------------------------------------------------ cluster
     def _connect(self) -> None:
         c = self.cluster
-        env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
         if ray.is_initialized():  # a notebook (or a test) that started Ray itself: use it, leave it running
             return
+        env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
         if c.address is None:
             num_cpus = c.num_cpus if c.num_cpus is not None else math.ceil(c.num_workers * c.cpus_per_worker)
             ray.init(address="local", num_cpus=max(1, math.ceil(num_cpus)), include_dashboard=False,
-                     log_to_driver=False,
-                     logging_level=logging.WARNING, runtime_env={"env_vars": env} if env else None)
+                     log_to_driver=False, logging_level=logging.WARNING,
+                     runtime_env={"env_vars": env} if env else None)
             where = f"a local Ray ({num_cpus:g} CPUs)"
         else:
             try:
@@ -141,8 +141,8 @@ class RayScheduler(Scheduler):
             per = float(getattr(c, key))
             need, have = per * c.num_workers, float(total.get(resource, 0.0))
             if need > have + 1e-9:
-                hint = ("" if resource == "CPU" or c.address else
-                        "; Ray found no GPU on this machine (CUDA_VISIBLE_DEVICES?)" if have == 0 else "")
+                local_gpu = resource == "GPU" and have == 0 and c.address is None
+                hint = "; Ray found no GPU on this machine (CUDA_VISIBLE_DEVICES?)" if local_gpu else ""
                 raise SchedulerError(f"cluster.{key}: {c.num_workers} workers x {per:g} {resource} need {need:g} "
                                      f"{resource}s, {where} has {have:g}{hint}")
 
@@ -174,16 +174,6 @@ class RayScheduler(Scheduler):
         except RayError:
             pass
         self._start(slot)  # the next job queues behind its constructor; ready() is not awaited
-
-    def pids(self) -> list[int | None]:
-        """The process id of each worker slot's actor (None until it reported ready)."""
-        for slot in self._slots:
-            if slot.pid is None:
-                try:
-                    slot.pid = ray.get(slot.actor.ready.remote(), timeout=600)["pid"]
-                except (RayError, GetTimeoutError):
-                    pass
-        return [slot.pid for slot in self._slots]
 
     @property
     def workers(self) -> list[str]:

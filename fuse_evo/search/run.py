@@ -572,6 +572,9 @@ class Search:
                         limit, scheduler.capacity - limit, scheduler.capacity)
         busy, started = 0.0, time.time()
 
+        def unanswered() -> int:  # asked and not yet told
+            return len(in_flight) + sum(len(v) for v in held.values())
+
         with ExitStack() as ui:
             if self.cmd.run.progress:
                 ui.enter_context(logging_redirect_tqdm())
@@ -580,11 +583,9 @@ class Search:
                 self.bar.set_postfix_str(self._postfix())
             while True:
                 done = self.archive.count()
-                waiting = len(in_flight) + sum(len(v) for v in held.values())
-                if done >= self.budget and not waiting:
+                if done >= self.budget and not unanswered():
                     break
-                while (scheduler.free() > 0 and len(in_flight) + sum(len(v) for v in held.values()) < limit
-                       and done + len(in_flight) + sum(len(v) for v in held.values()) < self.budget):
+                while scheduler.free() > 0 and unanswered() < limit and done + unanswered() < self.budget:
                     if redispatch:
                         candidate = redispatch.pop(0)
                     else:
