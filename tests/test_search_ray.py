@@ -42,12 +42,13 @@ def _content(run_dir):
 def test_two_ray_workers_in_generational_mode_archive_what_serial_does(micro_zoo, tmp_path, local_ray):
     serial = run_search(command(micro_zoo, tmp_path / "serial", "run.budget=8", *CMA4))
     distributed = run_search(command(micro_zoo, tmp_path / "ray", "run.budget=8", *CMA4, "cluster=ray",
-                                     "cluster.num_workers=2", "cluster.mode=generational"))
+                                     "cluster.mode=generational"))  # workers: one per CPU of the 2-CPU Ray
     assert serial.evaluations == distributed.evaluations == 8
     assert _content(tmp_path / "ray") == _content(tmp_path / "serial")
     with Archive.open(tmp_path / "ray") as archive:
         workers = {t.worker for t in archive.trials("complete")}
         assert len(workers) == 2 and all(w.endswith(":cpu") for w in workers)  # both workers scored
+        assert archive.config["cluster"]["num_workers"] == 2 and archive.config["cluster"]["gpus_per_worker"] == 0
         assert archive.config["strategy"]["num_workers"] == 2  # the optimizer planned for 2 in flight
     check_archive(tmp_path / "ray", 8)
 
@@ -117,9 +118,9 @@ def test_ray_search_resumes_after_sigkill(micro_zoo, tmp_path):
     (["cluster.mode=steady"], ConfigError, r"cluster.mode: 'steady' is not one of async, generational"),
     (["cluster.num_workers=0"], ConfigError, r"cluster.num_workers: must be at least 1"),
     (["cluster.backend=dask"], ConfigError, r"cluster.backend: 'dask' is not one of serial, ray"),
-    (["cluster.gpus_per_worker=1"], SchedulerError, r"cluster.gpus_per_worker: 2 workers x 1 GPU need 2 GPUs, "
+    (["cluster.num_workers=2", "cluster.gpus_per_worker=1"], SchedulerError, r"cluster.gpus_per_worker: 2 workers x 1 GPU need 2 GPUs, "
                                                     r"the local Ray has 0"),
-    (["cluster.cpus_per_worker=4"], SchedulerError, r"cluster.cpus_per_worker: 2 workers x 4 CPU need 8 CPUs"),
+    (["cluster.num_workers=2", "cluster.cpus_per_worker=4"], SchedulerError, r"cluster.cpus_per_worker: 2 workers x 4 CPU need 8 CPUs"),
 ])
 def test_bad_cluster_configs_fail_before_any_evaluation(micro_zoo, tmp_path, local_ray, overrides, error, message):
     cmd = command(micro_zoo, tmp_path / "run", "run.budget=2", "cluster=ray", *overrides)

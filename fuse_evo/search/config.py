@@ -145,10 +145,12 @@ class ClusterConfig:
     one evaluator).
 
     ``address``: null starts a local Ray for the run (``num_cpus`` CPUs, default the workers'
-    total; GPUs detected; dashboard off) and stops it at the end; ``auto``, ``HOST:PORT`` or
-    ``ray://HOST:10001`` joins a running cluster (every node must reach the model paths).
-    ``cpus_per_worker``/``gpus_per_worker``: each actor's Ray resource request (a worker's
-    torch threads default to its CPUs). ``mode``: ``async`` gives a free worker the next
+    total, or every CPU; GPUs detected; dashboard off) and stops it at the end; ``auto``,
+    ``HOST:PORT`` or ``ray://HOST:10001`` joins a running cluster (every node must reach the
+    model paths). ``num_workers`` null (Ray only): one worker per GPU of the cluster, or per
+    ``cpus_per_worker`` CPUs when it has none. ``cpus_per_worker``/``gpus_per_worker``: each
+    actor's Ray resource request (``gpus_per_worker`` null: 1 when the cluster has GPUs, else
+    0; a worker's torch threads default to its CPUs). ``mode``: ``async`` gives a free worker the next
     candidate at once; ``generational`` dispatches ``num_workers`` candidates, waits for all
     and reports them in candidate order (a barrier, as a serial run orders them).
     ``max_retries``: how often a candidate is retried after its worker process died (the
@@ -158,10 +160,10 @@ class ClusterConfig:
 
     backend: str = "serial"
     address: Optional[str] = None
-    num_workers: int = 1
+    num_workers: Optional[int] = 1
     num_cpus: Optional[float] = None
     cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: Optional[float] = 0.0
     mode: str = "async"
     max_retries: int = 2
     max_restarts: int = 20

@@ -47,6 +47,63 @@ class SchedulerError(FuseEvoError):
     """The cluster cannot run the workers asked for, or they keep dying."""
 
 
+_started: list[bool] = []  # [True] while a Ray this module started is up
+
+
+def prepare_cluster(cluster: ClusterConfig) -> ClusterConfig:
+    """Connect to Ray (start a local one, join ``cluster.address``, or use the one this
+    process already runs), resolve the automatic values (``num_workers`` null: one per GPU,
+    or one per ``cpus_per_worker`` CPUs without GPUs; ``gpus_per_worker`` null: 1 if the
+    cluster has GPUs, else 0), and check the cluster has the resources asked for: a
+    SchedulerError naming the key instead of Ray waiting forever. Returns the resolved config.
+    Idempotent; ``release_cluster`` stops a Ray started here."""
+    check_cluster(cluster)
+    c = cluster
+    if not ray.is_initialized():
+        env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
+        runtime_env = {"env_vars": env} if env else None
+        if c.address is None:
+            num_cpus = c.num_cpus
+            if num_cpus is None and c.num_workers is not None:
+                num_cpus = c.num_workers * c.cpus_per_worker
+            ray.init(address="local", num_cpus=None if num_cpus is None else max(1, math.ceil(num_cpus)),
+                     include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                     runtime_env=runtime_env)
+        else:
+            try:
+                ray.init(address=c.address, logging_level=logging.WARNING, log_to_driver=False,
+                         runtime_env=runtime_env)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise SchedulerError(f"cluster.address: cannot join the Ray cluster at {c.address!r} ({e})") from None
+        _started[:] = [True]
+    total = ray.cluster_resources()
+    where = f"the Ray cluster at {c.address}" if c.address else "the local Ray"
+    cpus, gpus = float(total.get("CPU", 0.0)), float(total.get("GPU", 0.0))
+    per_gpu = c.gpus_per_worker if c.gpus_per_worker is not None else (1.0 if gpus >= 1 else 0.0)
+    workers = c.num_workers
+    if workers is None:
+        workers = int(gpus // per_gpu) if per_gpu > 0 else int(cpus // c.cpus_per_worker) if c.cpus_per_worker else 1
+        workers = max(1, workers)
+    for key, per, resource, have in (("gpus_per_worker", per_gpu, "GPU", gpus),
+                                     ("cpus_per_worker", c.cpus_per_worker, "CPU", cpus)):
+        need = per * workers
+        if need > have + 1e-9:
+            hint = "; Ray found no GPU on this machine" if resource == "GPU" and have == 0 and not c.address else ""
+            raise SchedulerError(f"cluster.{key}: {workers} workers x {per:g} {resource} need {need:g} "
+                                 f"{resource}s, {where} has {have:g}{hint}")
+    resolved = replace(c, num_workers=workers, gpus_per_worker=per_gpu)
+    if resolved != c:
+        log.info("%s: %d workers, %g GPU and %g CPU each", where, workers, per_gpu, c.cpus_per_worker)
+    return resolved
+
+
+def release_cluster() -> None:
+    """Stop the Ray that ``prepare_cluster`` started (a Ray started by the caller stays)."""
+    if _started and ray.is_initialized():
+        ray.shutdown()
+    _started.clear()
+
+
 class _WorkerActor:
     """The actor around a Worker. A Worker that cannot be built (models that cannot be merged,
     unknown tasks) is reported by ``ready()`` instead of raised, so Ray does not count a
@@ -86,20 +143,16 @@ class RayScheduler(Scheduler):
     """``num_workers`` Ray actors behind submit / wait / in_flight (see the module docstring)."""
 
     def __init__(self, spec: WorkerSpec, cluster: ClusterConfig, worker_class: type[Worker] = Worker):
-        check_cluster(cluster)
-        self.cluster = cluster
-        self.capacity = int(cluster.num_workers)
-        self.generational = cluster.mode == "generational"
-        self.restarts = 0
-        self._worker_class = worker_class
-        self._owns_ray = False
         self._slots: list[_Slot] = []
-        if spec.threads is None and cluster.cpus_per_worker >= 1:
-            spec = replace(spec, threads=int(cluster.cpus_per_worker))  # no more torch threads than CPUs
-        self._spec = spec
         try:
-            self._connect()
-            self._check_resources()
+            self.cluster = cluster = prepare_cluster(cluster)
+            self.capacity = int(cluster.num_workers)
+            self.generational = cluster.mode == "generational"
+            self.restarts = 0
+            self._worker_class = worker_class
+            if spec.threads is None and cluster.cpus_per_worker >= 1:
+                spec = replace(spec, threads=int(cluster.cpus_per_worker))  # no more torch threads than CPUs
+            self._spec = spec
             self._actor_class = ray.remote(_WorkerActor).options(
                 num_cpus=cluster.cpus_per_worker, num_gpus=cluster.gpus_per_worker, max_restarts=0,
                 max_task_retries=0)
@@ -110,41 +163,6 @@ class RayScheduler(Scheduler):
         except BaseException:
             self.close()
             raise
-
-    # ------------------------------------------------------------------ cluster
-    def _connect(self) -> None:
-        c = self.cluster
-        if ray.is_initialized():  # a notebook (or a test) that started Ray itself: use it, leave it running
-            return
-        env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
-        if c.address is None:
-            num_cpus = c.num_cpus if c.num_cpus is not None else math.ceil(c.num_workers * c.cpus_per_worker)
-            ray.init(address="local", num_cpus=max(1, math.ceil(num_cpus)), include_dashboard=False,
-                     log_to_driver=False, logging_level=logging.WARNING,
-                     runtime_env={"env_vars": env} if env else None)
-            where = f"a local Ray ({num_cpus:g} CPUs)"
-        else:
-            try:
-                ray.init(address=c.address, logging_level=logging.WARNING, log_to_driver=False,
-                         runtime_env={"env_vars": env} if env else None)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                raise SchedulerError(f"cluster.address: cannot join the Ray cluster at {c.address!r} ({e})") from None
-            where = f"the Ray cluster at {c.address}"
-        self._owns_ray = True
-        log.info("started %s for %d workers", where, c.num_workers)
-
-    def _check_resources(self) -> None:
-        """Fail fast where Ray would wait forever for resources the cluster lacks."""
-        c, total = self.cluster, ray.cluster_resources()
-        where = f"the Ray cluster at {c.address}" if c.address else "the local Ray"
-        for key, resource in (("gpus_per_worker", "GPU"), ("cpus_per_worker", "CPU")):
-            per = float(getattr(c, key))
-            need, have = per * c.num_workers, float(total.get(resource, 0.0))
-            if need > have + 1e-9:
-                local_gpu = resource == "GPU" and have == 0 and c.address is None
-                hint = "; Ray found no GPU on this machine (CUDA_VISIBLE_DEVICES?)" if local_gpu else ""
-                raise SchedulerError(f"cluster.{key}: {c.num_workers} workers x {per:g} {resource} need {need:g} "
-                                     f"{resource}s, {where} has {have:g}{hint}")
 
     # ------------------------------------------------------------------ actors
     def _start(self, slot: _Slot) -> None:
@@ -252,9 +270,7 @@ class RayScheduler(Scheduler):
                 except RayError:
                     pass
         self._slots = []
-        if self._owns_ray and ray.is_initialized():
-            ray.shutdown()
-        self._owns_ray = False
+        release_cluster()
 
 
 def _cause(error: BaseException) -> str:

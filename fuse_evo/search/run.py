@@ -338,11 +338,17 @@ class Search:
         if self.budget < 1:
             raise ConfigError(f"run.budget: must be at least 1, got {cmd.run.budget}")
         check_cluster(cmd.cluster)
+        cluster = cmd.cluster
+        if cluster.backend == "ray":  # joined or started now: its resources checked before any model loads
+            from .ray_scheduler import prepare_cluster, release_cluster
+
+            self._stack.callback(release_cluster)
+            cluster = prepare_cluster(cluster)
         strategy = cmd.strategy
         if strategy.num_workers is None:  # the optimizer plans for as many candidates in flight as workers
-            strategy = replace(strategy, num_workers=int(cmd.cluster.num_workers))
+            strategy = replace(strategy, num_workers=int(cluster.num_workers))
         run = replace(cmd.run, id=self.run_id)
-        self.cmd = cmd = replace(cmd, run=run, strategy=strategy)
+        self.cmd = cmd = replace(cmd, run=run, strategy=strategy, cluster=cluster)
         self.config_yaml = command_yaml(cmd)
         log.info("%s run %s in %s (%s)", "resuming" if self.resumed else "starting", self.run_id, self.run_dir, cmd.name)
 

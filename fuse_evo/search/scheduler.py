@@ -220,7 +220,8 @@ def check_cluster(cluster: Any) -> None:
     for key, least in (("num_workers", 1), ("cpus_per_worker", 0), ("gpus_per_worker", 0), ("max_retries", 0),
                        ("max_restarts", 0)):
         value = getattr(cluster, key)
-        if value is None or value < least:
+        automatic = value is None and key in ("num_workers", "gpus_per_worker") and cluster.backend == "ray"
+        if not automatic and (value is None or value < least):
             raise ConfigError(f"cluster.{key}: must be at least {least}, got {value}")
     if cluster.backend == "serial" and cluster.num_workers != 1:
         raise ConfigError(f"cluster.num_workers: the serial backend runs 1 worker, got {cluster.num_workers}; "
