@@ -1,0 +1,186 @@
+"""Data-flow merging: a path through the layers of several models, and its plain export.
+
+A ``LayerPath`` lists the decoder layers the hidden state passes through (``(model, layer)``
+steps, any model, any order, a layer may recur) and the scale the hidden state is multiplied
+by before each step, with the embedding, final norm and head of one model (``io_model``).
+
+``routed_model(path, models)`` runs such a path through the live source models' own layer
+modules (referenced, never copied): an ordinary ``*ForCausalLM`` shell of the io model's
+family whose ``layers`` are the path's layers wrapped in ``ScaledLayer``, so the evaluator
+scores it like any model (KV cache included: each step writes its own cache slot).
+
+``plain_model(path, models)`` exports the same function as an ordinary model of the family
+with ``num_hidden_layers`` = path length, loadable with no custom code: for pre-norm RMSNorm
+decoders, a layer fed ``c * x`` returns ``c * L'(x)``, with ``L'`` the layer whose
+residual-writing projections (attention output, MLP down projection) are divided by ``c``,
+because ``RMSNorm(c * x) = RMSNorm(x)`` for ``c > 0`` (up to its epsilon). The cumulative
+scale is folded into copies of the layers and the final norm absorbs what remains.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import FuseEvoError
+
+
+class DataFlowError(FuseEvoError):
+    """A path or models that cannot be routed (the message names the step or model)."""
+
+
+@dataclass(frozen=True)
+class LayerPath:
+    """``steps``: ``(model, layer index)`` in order; ``scales``: one per step, > 0, multiplied
+    into the hidden state before that step; ``io_model``: whose embedding, final norm and
+    head frame the path."""
+
+    steps: tuple[tuple[str, int], ...]
+    scales: tuple[float, ...]
+    io_model: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", tuple((str(m), int(i)) for m, i in self.steps))
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        if not self.steps:
+            raise DataFlowError("path: empty; a data-flow path needs at least one layer")
+        if len(self.scales) != len(self.steps):
+            raise DataFlowError(f"path: {len(self.steps)} steps but {len(self.scales)} scales")
+        for k, ((model, layer), s) in enumerate(zip(self.steps, self.scales)):
+            if not (math.isfinite(s) and s > 0):
+                raise DataFlowError(f"path step {k} ({model} layer {layer}): scale {s} must be finite and > 0 "
+                                    "(a norm cannot undo a sign flip or a zero)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"io_model": self.io_model, "steps": [[m, i] for m, i in self.steps], "scales": list(self.scales)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LayerPath":
+        return cls(tuple(tuple(s) for s in data["steps"]), tuple(data["scales"]), data["io_model"])
+
+
+def _decoder(model: nn.Module, name: str) -> nn.Module:
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "embed_tokens"):
+        raise DataFlowError(f"model {name!r} ({type(model).__name__}): not a decoder with model.layers and "
+                            "model.embed_tokens (Llama, Mistral, Qwen2 families)")
+    return inner
+
+
+def _check_pre_norm(layer: nn.Module, where: str) -> None:
+    """The folding argument needs exactly two RMSNorms in front of the two sublayers, and no
+    norm after them (Gemma 2's post-norms would not pass a scale through)."""
+    norms = [n for n, m in layer.named_children() if "norm" in n.lower()]
+    ok = (sorted(norms) == ["input_layernorm", "post_attention_layernorm"]
+          and all("RMSNorm" in type(getattr(layer, n)).__name__ for n in norms)
+          and hasattr(getattr(layer, "self_attn", None), "o_proj") and hasattr(getattr(layer, "mlp", None), "down_proj"))
+    if not ok:
+        raise DataFlowError(f"{where} ({type(layer).__name__}): data-flow merging needs a pre-norm RMSNorm decoder "
+                            "layer (input_layernorm, post_attention_layernorm, self_attn.o_proj, mlp.down_proj), "
+                            f"found norms {norms}")
+
+
+def check_path(path: LayerPath, models: Mapping[str, nn.Module]) -> list[nn.Module]:
+    """The path's layer modules, after checking every model and step (names the culprit)."""
+    if path.io_model not in models:
+        raise DataFlowError(f"path io_model: {path.io_model!r} is not one of the models {sorted(models)}")
+    io_cfg = models[path.io_model].config
+    layers = []
+    for k, (name, index) in enumerate(path.steps):
+        if name not in models:
+            raise DataFlowError(f"path step {k}: model {name!r} is not one of {sorted(models)}")
+        cfg, decoder = models[name].config, _decoder(models[name], name)
+        for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta",
+                    "rope_parameters", "model_type"):
+            if getattr(cfg, key, None) != getattr(io_cfg, key, None):
+                raise DataFlowError(f"path step {k}: model {name!r} has {key} {getattr(cfg, key, None)}, the io model "
+                                    f"{path.io_model!r} has {getattr(io_cfg, key, None)}")
+        if not 0 <= index < len(decoder.layers):
+            raise DataFlowError(f"path step {k}: model {name!r} has layers 0..{len(decoder.layers) - 1}, not {index}")
+        layer = decoder.layers[index]
+        _check_pre_norm(layer, f"path step {k}: {name} layer {index}")
+        layers.append(layer)
+    return layers
+
+
+class ScaledLayer(nn.Module):
+    """A source model's decoder layer (referenced, not copied), fed ``scale * hidden``, writing
+    the KV cache at its position on the path (the layer's own index is restored after)."""
+
+    def __init__(self, layer: nn.Module, scale: float, position: int):
+        super().__init__()
+        self.layer = layer
+        self.scale = float(scale)
+        self.position = position
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        attn = self.layer.self_attn
+        own = getattr(attn, "layer_idx", None)
+        attn.layer_idx = self.position
+        try:
+            return self.layer(hidden_states * self.scale if self.scale != 1.0 else hidden_states, *args, **kwargs)
+        finally:
+            attn.layer_idx = own
+
+
+def _path_config(path: LayerPath, models: Mapping[str, nn.Module]):
+    cfg = copy.deepcopy(models[path.io_model].config)
+    cfg.num_hidden_layers = len(path.steps)
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        cfg.layer_types = [models[m].config.layer_types[i] for m, i in path.steps]
+    return cfg
+
+
+def _shell(cfg, io: nn.Module) -> nn.Module:
+    """An empty model of the io model's class for ``cfg`` (weights on the meta device)."""
+    with torch.device("meta"):
+        return type(io)(cfg)
+
+
+def routed_model(path: LayerPath, models: Mapping[str, nn.Module]) -> nn.Module:
+    """The path as a model of the io model's class, running the sources' own modules."""
+    layers = check_path(path, models)
+    io = models[path.io_model]
+    shell = _shell(_path_config(path, models), io)
+    inner, io_inner = _decoder(shell, "routed"), _decoder(io, path.io_model)
+    inner.embed_tokens, inner.norm, inner.rotary_emb = io_inner.embed_tokens, io_inner.norm, io_inner.rotary_emb
+    inner.layers = nn.ModuleList(ScaledLayer(layer, s, k) for k, (layer, s) in enumerate(zip(layers, path.scales)))
+    shell.lm_head = io.lm_head
+    meta = [n for n, t in list(shell.named_parameters()) + list(shell.named_buffers()) if t.is_meta]
+    if meta:
+        raise DataFlowError(f"routed model: {type(io).__name__} has parts the router does not know: {meta[:5]}")
+    return shell.eval()
+
+
+def plain_model(path: LayerPath, models: Mapping[str, nn.Module]) -> nn.Module:
+    """The path as an ordinary model (its own copies of the layers, scales folded in)."""
+    layers = check_path(path, models)
+    io = models[path.io_model]
+    cfg = _path_config(path, models)
+    shell = _shell(cfg, io)
+    inner, io_inner = _decoder(shell, "plain"), _decoder(io, path.io_model)
+    folded, cumulative = [], 1.0
+    for k, (layer, s) in enumerate(zip(layers, path.scales)):
+        cumulative *= s
+        copy_ = copy.deepcopy(layer)
+        with torch.no_grad():
+            for proj in (copy_.self_attn.o_proj, copy_.mlp.down_proj):
+                proj.weight.div_(cumulative)
+                if getattr(proj, "bias", None) is not None:
+                    proj.bias.div_(cumulative)
+        copy_.self_attn.layer_idx = k
+        folded.append(copy_)
+    inner.layers = nn.ModuleList(folded)
+    inner.embed_tokens = copy.deepcopy(io_inner.embed_tokens)
+    inner.norm = copy.deepcopy(io_inner.norm)
+    inner.rotary_emb = copy.deepcopy(io_inner.rotary_emb)
+    shell.lm_head = copy.deepcopy(io.lm_head)
+    if getattr(cfg, "tie_word_embeddings", False):
+        shell.lm_head.weight = inner.embed_tokens.weight
+    return shell.eval()
