@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import ray
@@ -20,7 +17,7 @@ from fuse_evo.search.archive import Archive
 from fuse_evo.search.ray_scheduler import RayScheduler, SchedulerError
 from fuse_evo.search.run import run_search
 
-from test_search_run import REPO, _count, check_archive, command, zoo_dir
+from test_search_run import _count, check_archive, command, kill_and_resume, zoo_dir
 
 CMA4 = ["strategy.population_size=4", "run.dashboard=false"]
 
@@ -90,28 +87,7 @@ def test_ray_search_resumes_after_sigkill(micro_zoo, tmp_path):
     run_dir = tmp_path / "killed"
     args = ["experiment=micro", f"models.zoo.out_dir={zoo_dir(micro_zoo)}", f"run.dir={run_dir}",
             f"run.budget={budget}", "cluster=ray", "cluster.num_workers=2", "run.dashboard=false"]
-    cmd = [sys.executable, "-m", "fuse_evo.cli", "search", *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 180
-        while _count(run_dir / "archive.db") < 4:
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.time() < deadline, "the search did not start evaluating"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    killed_at = _count(run_dir / "archive.db")
-    assert 4 <= killed_at < budget
-    before = {t.number: t.to_dict() for t in Archive.open(run_dir).trials()}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"{budget} of {budget} evaluations (resumed)" in done.stdout
-    trials = check_archive(run_dir, budget).trials()
-    assert all(trials[n].to_dict() == before[n] for n in before)
+    kill_and_resume(args, run_dir, budget, kill_after=4, timeout=180)
 
 
 @pytest.mark.parametrize("overrides, error, message", [

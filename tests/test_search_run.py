@@ -114,20 +114,16 @@ def _count(db: Path) -> int:
         return 0
 
 
-def test_resume_after_sigkill(micro_zoo, tmp_path):
-    """A search killed mid-run (a real process, SIGKILL) resumes with the same command:
-    every completed evaluation is kept exactly once, the budget is reached, and the result
-    is the one an uninterrupted run gives."""
-    budget = 30
-    run_dir = tmp_path / "killed"
-    args = ["experiment=micro", f"models.zoo.out_dir={zoo_dir(micro_zoo)}", f"run.dir={run_dir}",
-            f"run.budget={budget}"]
+def kill_and_resume(args: list[str], run_dir: Path, budget: int, kill_after: int, timeout: float = 120) -> list:
+    """Start ``fuse-evo search ARGS`` in a subprocess, SIGKILL it once ``kill_after``
+    evaluations are archived, run the same command again; check the resumed run kept every
+    archived evaluation exactly as it was and finished its budget. Returns its trials."""
     cmd = [sys.executable, "-m", "fuse_evo.cli", "search", *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 120
-        while _count(run_dir / "archive.db") < 5:
+        deadline = time.time() + timeout
+        while _count(run_dir / "archive.db") < kill_after:
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
             assert time.time() < deadline, "the search did not start evaluating"
             time.sleep(0.02)
@@ -136,16 +132,25 @@ def test_resume_after_sigkill(micro_zoo, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    killed_at = _count(run_dir / "archive.db")
-    assert 5 <= killed_at < budget
+    assert kill_after <= _count(run_dir / "archive.db") < budget
     before = {t.number: t.to_dict() for t in Archive.open(run_dir).trials()}
-
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"{budget} of {budget} evaluations (resumed)" in done.stdout
-    archive = check_archive(run_dir, budget)
-    trials = archive.trials()
+    trials = check_archive(run_dir, budget).trials()
     assert all(trials[n].to_dict() == before[n] for n in before)  # kept as they were, exactly once
+    return trials
+
+
+def test_resume_after_sigkill(micro_zoo, tmp_path):
+    """A search killed mid-run (a real process, SIGKILL) resumes with the same command:
+    every completed evaluation is kept exactly once, the budget is reached, and the result
+    is the one an uninterrupted run gives."""
+    budget = 30
+    run_dir = tmp_path / "killed"
+    args = ["experiment=micro", f"models.zoo.out_dir={zoo_dir(micro_zoo)}", f"run.dir={run_dir}",
+            f"run.budget={budget}"]
+    trials = kill_and_resume(args, run_dir, budget, kill_after=5)
     assert "resuming at" in (run_dir / "search.log").read_text()
 
     # the interrupted run searched exactly as an uninterrupted one
