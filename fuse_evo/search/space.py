@@ -47,7 +47,52 @@ class Gene:
     init: float
 
 
-class SearchSpace:
+class GenomeSpace:
+    """What strategies see of a space: ``genes`` (each with name, bounds and init), ``lower``,
+    ``upper``, ``names``, ``dimension``, ``initial()`` and ``validate(genome)``. Subclasses
+    decode genomes into what workers build (a Recipe; a LayerPath)."""
+
+    genes: tuple[Gene, ...]
+    lower: np.ndarray
+    upper: np.ndarray
+
+    def _set_genes(self, genes: Sequence[Gene]) -> None:
+        self.genes = tuple(genes)
+        self.lower = np.array([g.low for g in self.genes])
+        self.upper = np.array([g.high for g in self.genes])
+
+    @property
+    def names(self) -> list[str]:
+        return [g.name for g in self.genes]
+
+    @property
+    def dimension(self) -> int:
+        return len(self.genes)
+
+    def initial(self) -> np.ndarray:
+        """The starting genome: each gene's ``init``."""
+        return np.array([g.init for g in self.genes])
+
+    def validate(self, genome: Sequence[float] | np.ndarray) -> np.ndarray:
+        """The genome as a float vector, or SpaceError naming the length or the gene at fault."""
+        try:
+            x = np.asarray(genome, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise SpaceError(f"genome: not a vector of numbers ({e})") from None
+        if x.ndim != 1 or x.shape[0] != self.dimension:
+            raise SpaceError(
+                f"genome: {x.shape[0] if x.ndim == 1 else f'shape {x.shape}'} values, the space has "
+                f"{self.dimension} genes ({self.genes[0].name} ... {self.genes[-1].name})"
+            )
+        for gene, value in zip(self.genes, x):
+            if not np.isfinite(value):
+                raise SpaceError(f"genome: gene {gene.name} is {value}")
+            if not gene.low <= value <= gene.high:
+                raise SpaceError(f"genome: gene {gene.name} = {value} is outside [{gene.low}, {gene.high}]")
+        return x
+
+
+class SearchSpace(GenomeSpace):
     """The genes of one space over a given set of models and layers.
 
     ``model_config``: the base's HF config (a mapping), read for ``num_hidden_layers`` when
@@ -63,12 +108,10 @@ class SearchSpace:
         self._check_models()
         self._fixed_per_model, self._fixed_global = self._split_fixed()
         self._group_keys = self._layout()
-        self.genes = tuple(self._build_genes())
+        self._set_genes(self._build_genes())
         if not self.genes:
             raise ConfigError(f"space.genes: nothing to search for {self.method}; name at least one gene")
         self._check_complete()
-        self.lower = np.array([g.low for g in self.genes])
-        self.upper = np.array([g.high for g in self.genes])
 
     # ------------------------------------------------------------------ building
     def _check_models(self) -> None:
@@ -208,36 +251,6 @@ class SearchSpace:
                 raise ConfigError(f"space.genes.{param}: {self.method} needs {param}; search it (genes) or fix it (fixed)")
 
     # ------------------------------------------------------------------ the genome
-    @property
-    def names(self) -> list[str]:
-        return [g.name for g in self.genes]
-
-    @property
-    def dimension(self) -> int:
-        return len(self.genes)
-
-    def initial(self) -> np.ndarray:
-        """The starting genome: each gene's ``init`` (by default a uniform merge)."""
-        return np.array([g.init for g in self.genes])
-
-    def validate(self, genome: Sequence[float] | np.ndarray) -> np.ndarray:
-        """The genome as a float vector, or SpaceError naming the length or the gene at fault."""
-        try:
-            x = np.asarray(genome, dtype=np.float64)
-        except (TypeError, ValueError) as e:
-            raise SpaceError(f"genome: not a vector of numbers ({e})") from None
-        if x.ndim != 1 or x.shape[0] != self.dimension:
-            raise SpaceError(
-                f"genome: {x.shape[0] if x.ndim == 1 else f'shape {x.shape}'} values, the space has "
-                f"{self.dimension} genes ({self.genes[0].name} ... {self.genes[-1].name})"
-            )
-        for gene, value in zip(self.genes, x):
-            if not np.isfinite(value):
-                raise SpaceError(f"genome: gene {gene.name} is {value}")
-            if not gene.low <= value <= gene.high:
-                raise SpaceError(f"genome: gene {gene.name} = {value} is outside [{gene.low}, {gene.high}]")
-        return x
-
     def decode(self, genome: Sequence[float] | np.ndarray, seed: int | None = None) -> Recipe:
         """The recipe of a genome; ``seed`` (default: the space's) drives DARE/DELLA masks."""
         x = self.validate(genome)
