@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from fuse_evo.merge.dataflow import DataFlowError, LayerPath, plain_model, routed_model
+from fuse_evo.merge.dataflow import DataFlowError, LayerPath, Router, plain_model, routed_model
 
 # rms_norm_eps tiny: the fold is exact but for the norms' epsilon (RMSNorm(c x) = RMSNorm(x) up
 # to it), and these random models' hidden states are small enough for 1e-6 to show at 1e-4
@@ -73,6 +73,19 @@ def test_a_models_own_path_is_that_model(family):
     path = LayerPath([("m1", i) for i in range(3)], [1.0] * 3, "m1")
     assert torch.equal(_logits(routed_model(path, models), ids), _logits(models["m1"], ids))
     assert torch.equal(_logits(plain_model(path, models), ids), _logits(models["m1"], ids))
+
+
+def test_one_router_serves_every_path_in_place():
+    models = _models("llama", n=2)
+    router = Router(models, "m0")
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(3))
+    live = router.model
+    for steps, scales in (([("m0", 0), ("m1", 1)], [1.0, 1.7]), ([("m1", 2)] * 3, [1.0, 0.8, 1.2]), ([("m0", 1)], [1.0])):
+        path = LayerPath(steps, scales, "m0")
+        assert router.route(path) is live and live.config.num_hidden_layers == len(steps)
+        torch.testing.assert_close(_logits(live, ids), _logits(plain_model(path, models), ids), rtol=1e-4, atol=1e-4)
+    with pytest.raises(DataFlowError, match="this router frames paths with 'm0'"):
+        router.route(LayerPath([("m0", 0)], [1.0], "m1"))
 
 
 def test_generation_with_a_repeated_layer_uses_one_cache_slot_per_step():

@@ -4,10 +4,11 @@ A ``LayerPath`` lists the decoder layers the hidden state passes through (``(mod
 steps, any model, any order, a layer may recur) and the scale the hidden state is multiplied
 by before each step, with the embedding, final norm and head of one model (``io_model``).
 
-``routed_model(path, models)`` runs such a path through the live source models' own layer
-modules (referenced, never copied): an ordinary ``*ForCausalLM`` shell of the io model's
-family whose ``layers`` are the path's layers wrapped in ``ScaledLayer``, so the evaluator
-scores it like any model (KV cache included: each step writes its own cache slot).
+``Router(models, io_model).route(path)`` (or ``routed_model(path, models)``) runs such a path
+through the live source models' own layer modules (referenced, never copied): an ordinary
+``*ForCausalLM`` shell of the io model's family whose ``layers`` are the path's layers wrapped
+in ``ScaledLayer``, so the evaluator scores it like any model (KV cache included: each step
+writes its own cache slot); one router's model is re-pointed in place for every path.
 
 ``plain_model(path, models)`` exports the same function as an ordinary model of the family
 with ``num_hidden_layers`` = path length, loadable with no custom code: for pre-norm RMSNorm
@@ -143,19 +144,47 @@ def _shell(cfg, io: nn.Module) -> nn.Module:
         return type(io)(cfg)
 
 
+class Router:
+    """One persistent routed model over resident source models: ``route(path)`` re-points its
+    layers (references to the sources' own modules) and scales in place, so an evaluator built
+    once on ``router.model`` scores every path, as the merge engine's live model serves every
+    recipe."""
+
+    def __init__(self, models: Mapping[str, nn.Module], io_model: str):
+        if io_model not in models:
+            raise DataFlowError(f"path io_model: {io_model!r} is not one of the models {sorted(models)}")
+        self.models, self.io_model = dict(models), io_model
+        io = models[io_model]
+        cfg = copy.deepcopy(io.config)
+        self.model = _shell(cfg, io)
+        inner, io_inner = _decoder(self.model, "routed"), _decoder(io, io_model)
+        inner.embed_tokens, inner.norm, inner.rotary_emb = io_inner.embed_tokens, io_inner.norm, io_inner.rotary_emb
+        inner.layers = nn.ModuleList()
+        self.model.lm_head = io.lm_head
+        self.model.eval()
+        self.path: LayerPath | None = None
+
+    def route(self, path: LayerPath) -> nn.Module:
+        if path.io_model != self.io_model:
+            raise DataFlowError(f"path io_model: {path.io_model!r}, this router frames paths with {self.io_model!r}")
+        layers = check_path(path, self.models)
+        cfg = self.model.config
+        cfg.num_hidden_layers = len(path.steps)
+        if getattr(cfg, "layer_types", None):
+            cfg.layer_types = [self.models[m].config.layer_types[i] for m, i in path.steps]
+        _decoder(self.model, "routed").layers = nn.ModuleList(
+            ScaledLayer(layer, s, k) for k, (layer, s) in enumerate(zip(layers, path.scales)))
+        meta = [n for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers()) if t.is_meta]
+        if meta:
+            raise DataFlowError(f"routed model: {type(self.model).__name__} has parts the router does not know: "
+                                f"{meta[:5]}")
+        self.path = path
+        return self.model
+
+
 def routed_model(path: LayerPath, models: Mapping[str, nn.Module]) -> nn.Module:
     """The path as a model of the io model's class, running the sources' own modules."""
-    layers = check_path(path, models)
-    io = models[path.io_model]
-    shell = _shell(_path_config(path, models), io)
-    inner, io_inner = _decoder(shell, "routed"), _decoder(io, path.io_model)
-    inner.embed_tokens, inner.norm, inner.rotary_emb = io_inner.embed_tokens, io_inner.norm, io_inner.rotary_emb
-    inner.layers = nn.ModuleList(ScaledLayer(layer, s, k) for k, (layer, s) in enumerate(zip(layers, path.scales)))
-    shell.lm_head = io.lm_head
-    meta = [n for n, t in list(shell.named_parameters()) + list(shell.named_buffers()) if t.is_meta]
-    if meta:
-        raise DataFlowError(f"routed model: {type(io).__name__} has parts the router does not know: {meta[:5]}")
-    return shell.eval()
+    return Router(models, path.io_model).route(path)
 
 
 def plain_model(path: LayerPath, models: Mapping[str, nn.Module]) -> nn.Module:
