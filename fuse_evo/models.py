@@ -272,13 +272,18 @@ class ModelPool:
             return None
         return AutoTokenizer.from_pretrained(self.base.path, trust_remote_code=self.trust_remote_code)
 
-    def new_model(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-        """A live model with the base's architecture and weights, to be merged into in place."""
+    def new_model(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                  weights: str | None = None):
+        """A live model with the base's architecture and weights (or those of the source model
+        ``weights``), to be merged into in place (or routed through, for data-flow merges)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        if weights is not None and weights not in self.sources and weights != self.base.name:
+            raise FuseEvoError(f"model {weights!r}: not the base {self.base.name!r} nor a source {self.names}")
+        tensors = self.base.tensors if weights in (None, self.base.name) else self.sources[weights].tensors
         config = AutoConfig.from_pretrained(self.base.path, trust_remote_code=self.trust_remote_code)
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=self.trust_remote_code)
-        missing, unexpected = model.load_state_dict(self.base.tensors, strict=False)
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
         tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and _HEAD.search(k)}
         if set(missing) - tied or unexpected:
             raise FuseEvoError(

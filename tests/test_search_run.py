@@ -54,7 +54,7 @@ def check_archive(run_dir: Path, budget: int) -> Archive:
         assert set(t.objectives) == set(SKILLS)
         assert t.scalar == pytest.approx(sum(t.objectives.values()) / 3)
         assert t.losses == [pytest.approx(-t.scalar)]
-        assert t.to_recipe().key == t.recipe_key and t.to_recipe().method == "task_arithmetic"
+        assert t.to_recipe().key == t.recipe_key and t.to_recipe().method == info["method"]
         assert t.metrics[f"zoo_{SKILLS[0]}_search/acc,none"] == t.objectives[SKILLS[0]]
         assert t.finished >= t.started
     return archive

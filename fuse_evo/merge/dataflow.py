@@ -21,6 +21,8 @@ scale is folded into copies of the layers and the final norm absorbs what remain
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -57,8 +59,21 @@ class LayerPath:
                 raise DataFlowError(f"path step {k} ({model} layer {layer}): scale {s} must be finite and > 0 "
                                     "(a norm cannot undo a sign flip or a zero)")
 
+    method = "dataflow"  # what an archived candidate's dict says it is (a Recipe says its merge method)
+    seed = 0  # routing draws nothing at random
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([self.io_model, *(m for m, _ in self.steps)]))
+
     def to_dict(self) -> dict[str, Any]:
-        return {"io_model": self.io_model, "steps": [[m, i] for m, i in self.steps], "scales": list(self.scales)}
+        return {"method": self.method, "io_model": self.io_model, "steps": [[m, i] for m, i in self.steps],
+                "scales": list(self.scales)}
+
+    @property
+    def key(self) -> str:
+        """Content hash, as ``Recipe.key``: equal paths share it."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:20]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LayerPath":
@@ -213,3 +228,13 @@ def plain_model(path: LayerPath, models: Mapping[str, nn.Module]) -> nn.Module:
     if getattr(cfg, "tie_word_embeddings", False):
         shell.lm_head.weight = inner.embed_tokens.weight
     return shell.eval()
+
+
+def plain_parameter_count(path: LayerPath, models: Mapping[str, nn.Module]) -> int:
+    """Parameters of ``plain_model(path, models)`` without building it: the io model's
+    embedding, final norm and head (once if tied) and a copy of each step's layer."""
+    layers = check_path(path, models)
+    io = models[path.io_model]
+    inner = _decoder(io, path.io_model)
+    frame = {id(p): p.numel() for m in (inner.embed_tokens, inner.norm, io.lm_head) for p in m.parameters()}
+    return sum(frame.values()) + sum(p.numel() for layer in layers for p in layer.parameters())

@@ -107,7 +107,12 @@ class Trial:
         """Scored (here or, for a duplicate, by the trial it repeats) and not failed."""
         return self.status != "failed" and self.scalar is not None
 
-    def to_recipe(self) -> Recipe:
+    def to_recipe(self) -> Any:
+        """The candidate: a ``Recipe``, or a ``LayerPath`` for a data-flow search."""
+        if self.recipe.get("method") == "dataflow":
+            from ..merge.dataflow import LayerPath
+
+            return LayerPath.from_dict(self.recipe)
         return Recipe.from_dict(self.recipe)
 
     def to_dict(self) -> dict[str, Any]:

@@ -47,6 +47,27 @@ class GranularityConfig:
 
 
 @dataclass
+class DataFlowSpaceConfig:
+    """A data-flow space (``space.method: dataflow``): ``models``: whose layers are laid out
+    (default: the search's source models; ``base`` and ``merged`` may be named too);
+    ``io_model``: whose embedding, final norm and head frame the path (default the first);
+    ``repeats``: how often the layer sequence is repeated; ``scale_*``: the transition
+    scales' bounds and start; ``max_path_length``: longer paths are refused (null: no limit);
+    ``merged_from``: a finished parameter-space run directory whose best recipe becomes the
+    model ``merged`` (the hybrid search: parameter space first, then data flow)."""
+
+    models: list[str] = field(default_factory=list)
+    io_model: Optional[str] = None
+    num_layers: Optional[int] = None
+    repeats: int = 2
+    scale_low: float = 0.5
+    scale_high: float = 2.0
+    scale_init: float = 1.0
+    max_path_length: Optional[int] = None
+    merged_from: Optional[str] = None
+
+
+@dataclass
 class SpaceConfig:
     """A search space: the merge method, its searched genes and the fixed rest.
 
@@ -64,6 +85,7 @@ class SpaceConfig:
     fixed: dict[str, Any] = field(default_factory=dict)
     granularity: GranularityConfig = field(default_factory=GranularityConfig)
     seed: int = 0  # the seed of stochastic methods (DARE, DELLA) in every decoded recipe
+    dataflow: Optional[DataFlowSpaceConfig] = None  # with method: dataflow, the layer-path space
 
 
 @dataclass

@@ -15,37 +15,22 @@ once, at unit scales.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ..errors import ConfigError
 from ..merge.dataflow import LayerPath
+from .config import DataFlowSpaceConfig
 from .space import Gene, GenomeSpace, SpaceError
 
 THRESHOLD = 0.5
 
 
-@dataclass
-class DataFlowSpaceConfig:
-    """``models``: whose layers are laid out (a PS-merged model may be one of them);
-    ``io_model``: whose embedding and head frame the path (default the first);
-    ``repeats``: how often the layer sequence is repeated; ``scale``: the transition scales'
-    bounds and start; ``max_path_length``: longer paths are refused (null: no limit)."""
-
-    models: list[str] = field(default_factory=list)
-    io_model: Optional[str] = None
-    num_layers: Optional[int] = None
-    repeats: int = 2
-    scale_low: float = 0.5
-    scale_high: float = 2.0
-    scale_init: float = 1.0
-    max_path_length: Optional[int] = None
-
-
 class DataFlowSpace(GenomeSpace):
     """Inclusion genes ``slot.R.MODEL.LAYER`` then scale genes ``scale.FROM.TO``."""
+
+    method = "dataflow"
 
     def __init__(self, config: DataFlowSpaceConfig, model_config: Mapping[str, Any] | None = None):
         self.config = config

@@ -359,7 +359,11 @@ class Search:
         unknown = [m for m in space_cfg.models if m not in self.models.sources]
         if unknown:
             raise ConfigError(f"space.models: {unknown} are not source models (models: {list(self.models.sources)})")
-        self.space = SearchSpace(space_cfg, _base_config(self.models.base))
+        dataflow = None
+        if space_cfg.method == "dataflow":
+            self.space, dataflow = self._dataflow_space(space_cfg)
+        else:
+            self.space = SearchSpace(space_cfg, _base_config(self.models.base))
 
         from ..evaluate.objectives import Objectives
 
@@ -377,7 +381,7 @@ class Search:
             base=self.models.base, sources={m: self.models.sources[m] for m in space_cfg.models},
             evaluator=evaluator, base_name=space_cfg.base, allow_pickle=cmd.models.allow_pickle,
             trust_remote_code=cmd.models.trust_remote_code, device=cmd.run.device, dtype=cmd.run.dtype,
-            threads=cmd.run.threads,
+            threads=cmd.run.threads, dataflow=dataflow,
         )
 
         strategy_cfg = cmd.strategy
@@ -411,16 +415,57 @@ class Search:
             if added:
                 log.info("dashboard study caught up with %d archived evaluations", added)
 
+    def _dataflow_space(self, space_cfg) -> tuple[Any, dict[str, Any]]:
+        """The data-flow space over the laid-out models, and what its workers need to route."""
+        from ..merge.dataflow import DataFlowError
+        from .dataflow_space import DataFlowSpace, DataFlowSpaceConfig
+
+        cfg = space_cfg.dataflow or DataFlowSpaceConfig()
+        merged = None
+        if cfg.merged_from:
+            merged = self._merged_recipe(cfg.merged_from)
+        names = list(cfg.models) or (["merged"] if merged else []) + list(space_cfg.models)
+        allowed = {space_cfg.base, *space_cfg.models, *(["merged"] if merged else [])}
+        unknown = [n for n in names if n not in allowed]
+        if unknown:
+            raise ConfigError(f"space.dataflow.models: {unknown} are not the base, a source model"
+                              f"{' or merged' if merged else ''} ({sorted(allowed)})")
+        space = DataFlowSpace(replace(cfg, models=names), _base_config(self.models.base))
+        try:
+            initial = space.decode(space.initial())
+        except (SpaceError, DataFlowError) as e:
+            raise ConfigError(f"space.dataflow: the starting path is not valid ({e})") from None
+        return space, {"io_model": space.io_model, "models": names, "initial": initial.to_dict(), "merged": merged,
+                       "merged_from": cfg.merged_from}
+
+    def _merged_recipe(self, run_dir: str) -> dict[str, Any]:
+        """The best recipe of a finished parameter-space run over the same models."""
+        where = "space.dataflow.merged_from"
+        try:
+            with Archive.open(Path(run_dir).expanduser()) as archive:
+                best, info = archive.best(), archive.info
+        except FuseEvoError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        if best is None or best.recipe.get("method") == "dataflow":
+            raise ConfigError(f"{where}: run {run_dir} has no completed parameter-space trial to merge")
+        ours = {self.cmd.space.base: self.models.base, **self.models.sources}
+        other = {n: p for n, p in info["sources"].items() if ours.get(n) != p}
+        if other:
+            raise ConfigError(f"{where}: run {run_dir} merged other models ({other}) than this search's {ours}")
+        return best.recipe
+
     def _info(self) -> dict[str, Any]:
         s, m = self.cmd.strategy, self.models
         return {
             "name": self.cmd.name,
             "run_id": self.run_id,
-            "base": self.space.base,
-            "sources": {self.space.base: m.base, **{n: m.sources[n] for n in self.space.models}},
+            "base": self.worker_spec.base_name,
+            "sources": {self.worker_spec.base_name: m.base, **self.worker_spec.sources},
             "zoo": None if m.zoo_dir is None else {"dir": m.zoo_dir, "manifest": str(Path(m.zoo_dir) / "zoo.json"),
                                                    "task_dir": m.task_dir},
             "method": self.space.method,
+            "dataflow": None if self.worker_spec.dataflow is None else {
+                k: self.worker_spec.dataflow[k] for k in ("io_model", "models", "merged_from", "merged")},
             "genes": self.space.names,
             "lower": self.space.lower.tolist(),
             "upper": self.space.upper.tolist(),
@@ -483,7 +528,7 @@ class Search:
         trial = Trial(
             number=-1, candidate_id=candidate.id, status=status, genome=candidate.genome.tolist(),
             recipe={} if recipe is None else recipe.to_dict(), recipe_key="" if recipe is None else recipe.key,
-            seed=self.space.config.seed if recipe is None else recipe.seed, started=now, finished=now, error=error,
+            seed=self.cmd.space.seed if recipe is None else recipe.seed, started=now, finished=now, error=error,
         )
         if result is not None:
             trial.metrics, trial.objectives, trial.error = result.metrics, result.objectives, result.error

@@ -47,6 +47,9 @@ class WorkerSpec:
     device: str | None = None
     dtype: str | None = None
     threads: int | None = None
+    # data-flow searches: {"io_model", "models" (names laid out), "initial" (a LayerPath dict),
+    # "merged" (a Recipe dict materialized as the model "merged", or None)}
+    dataflow: dict[str, Any] | None = None
 
 
 @dataclass
@@ -106,12 +109,37 @@ class Worker:
         tokenizer = self.pool.tokenizer()
         if tokenizer is None:
             raise FuseEvoError(f"models.base: {spec.base} has no tokenizer; the evaluator needs one")
-        self.evaluator = Evaluator.from_config(self.model, tokenizer, spec.evaluator)
+        self.router = None
+        if spec.dataflow is not None:
+            self.router = self._router(spec.dataflow, dtype)
+        live = self.model if self.router is None else self.router.model
+        self.evaluator = Evaluator.from_config(live, tokenizer, spec.evaluator)
         self.objectives.check_tasks(self.evaluator.metric_names())
         self.name = f"{socket.gethostname()}:{os.getpid()}:{self.engine.device}"
         self.build_seconds = time.perf_counter() - t0
         log.info("worker %s ready in %.1f s (%d source models, %d tasks)", self.name, self.build_seconds,
                  len(spec.sources), len(self.evaluator.task_names))
+
+    def _router(self, dataflow: dict[str, Any], dtype: Any):
+        """The data-flow router over the laid-out models, each a resident live model (the
+        model ``merged``: the live model, merged once by the hybrid's recipe)."""
+        from ..merge.dataflow import LayerPath, Router
+        from ..recipe import Recipe
+
+        modules = {}
+        for name in dataflow["models"]:
+            if name == "merged":
+                if not dataflow.get("merged"):
+                    raise FuseEvoError("space.dataflow.models: 'merged' needs space.dataflow.merged_from (a run dir)")
+                recipe = Recipe.from_dict(dataflow["merged"])
+                self.engine.check(recipe)
+                self.engine.materialize(recipe, into=self.model)
+                modules[name] = self.model
+            else:
+                modules[name] = self.pool.new_model(dtype=dtype, device=self.engine.device, weights=name)
+        router = Router(modules, dataflow["io_model"])
+        router.route(LayerPath.from_dict(dataflow["initial"]))
+        return router
 
     def run(self, job: Job) -> Result:
         import torch
@@ -124,15 +152,30 @@ class Worker:
         timings: dict[str, float] = {}
         result = Result(job.candidate_id, "failed", worker=self.name, started=started)
         try:
-            recipe = Recipe.from_dict(job.recipe)
-            self.engine.materialize(recipe, into=self.model)
+            path = None
+            if job.recipe.get("method") == "dataflow":
+                from ..merge.dataflow import LayerPath
+
+                if self.router is None:
+                    raise FuseEvoError("a data-flow candidate reached a parameter-space worker")
+                path = LayerPath.from_dict(job.recipe)
+                model = self.router.route(path)
+            else:
+                self.engine.materialize(Recipe.from_dict(job.recipe), into=self.model)
+                model = self.model
             timings["merge"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             scores = self.evaluator.score()
             timings["score"] = time.perf_counter() - t1
             timings.update({f"score.{k}": v for k, v in scores.timings.items()})
             result.metrics = scores.flat()
-            costs = measure_costs(self.model, scores) if any(o.cost for o in self.objectives) else None
+            costs = None
+            if any(o.cost for o in self.objectives):
+                costs = measure_costs(model, scores)
+                if path is not None:  # what the exported plain model holds: a copy of each step's layer
+                    from ..merge.dataflow import plain_parameter_count
+
+                    costs["params"] = float(plain_parameter_count(path, self.router.models))
             result.objectives = self.objectives.values(scores, costs)
             bad = [f"{n} = {v}" for n, v in result.objectives.items() if not math.isfinite(v)]
             if bad:

@@ -1,0 +1,68 @@
+"""Data-flow and hybrid searches on the micro zoo: candidates are layer paths routed through
+resident source models and scored by the same evaluator; the starting path is the io model
+itself (scored as that model scores); a hybrid search routes through a parameter-space run's
+best merge (scored as that run scored it); a killed data-flow search resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fuse_evo.errors import ConfigError
+from fuse_evo.evaluate.evaluator import Evaluator
+from fuse_evo.merge.dataflow import LayerPath
+from fuse_evo.search.archive import Archive
+from fuse_evo.search.run import run_search
+
+from test_search_run import command, kill_and_resume, zoo_dir
+
+DFS = ["space=dfs", "run.dashboard=false"]
+
+
+def test_dataflow_search_routes_paths_and_starts_at_the_io_model(micro_zoo, tmp_path):
+    result = run_search(command(micro_zoo, tmp_path / "dfs", "run.budget=6", *DFS))
+    assert result.evaluations == 6
+    with Archive.open(tmp_path / "dfs") as archive:
+        trials, info = archive.trials(), archive.info
+    assert info["method"] == "dataflow" and info["dataflow"]["io_model"] == "ft_increment"
+    assert all(t.status == "complete" and isinstance(t.to_recipe(), LayerPath) for t in trials)
+    first = trials[0].to_recipe()
+    assert first.steps == (("ft_increment", 0), ("ft_increment", 1)) and first.scales == (1.0, 1.0)
+    # the io model's own path scores what the model itself scores under the same evaluator
+    folder = micro_zoo["models"]["ft_increment"]["path"]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    evaluator = Evaluator(model, AutoTokenizer.from_pretrained(folder), info["tasks"],
+                          include_path=info["include_path"], limit=20)
+    assert trials[0].metrics == pytest.approx(evaluator.score().flat())
+
+
+def test_hybrid_search_routes_through_the_parameter_space_best(micro_zoo, tmp_path):
+    run_search(command(micro_zoo, tmp_path / "ps", "run.budget=3", "run.dashboard=false"))
+    with Archive.open(tmp_path / "ps") as archive:
+        ps_best = archive.best()
+    run_search(command(micro_zoo, tmp_path / "hybrid", "run.budget=3", *DFS,
+                       f"+space.dataflow.merged_from={tmp_path / 'ps'}"))
+    with Archive.open(tmp_path / "hybrid") as archive:
+        trials, info = archive.trials(), archive.info
+    assert info["dataflow"]["models"] == ["merged", "ft_increment", "ft_reverse", "ft_shift"]
+    assert info["dataflow"]["merged"]["method"] == "task_arithmetic"
+    assert trials[0].to_recipe().steps == (("merged", 0), ("merged", 1))
+    assert trials[0].objectives == pytest.approx(ps_best.objectives)  # the merged model itself
+
+
+def test_bad_dataflow_configs_are_refused(micro_zoo, tmp_path):
+    with pytest.raises(ConfigError, match=r"space.dataflow.models: \['ft_math'\] are not the base, a source model"):
+        run_search(command(micro_zoo, tmp_path / "a", *DFS, "+space.dataflow.models=[ft_math]"))
+    with pytest.raises(ConfigError, match="space.dataflow.merged_from: .*config.yaml"):
+        run_search(command(micro_zoo, tmp_path / "b", *DFS, f"+space.dataflow.merged_from={tmp_path / 'none'}"))
+
+
+def test_dataflow_search_resumes_after_sigkill(micro_zoo, tmp_path):
+    run_dir = tmp_path / "killed"
+    args = ["experiment=micro", f"models.zoo.out_dir={zoo_dir(micro_zoo)}", f"run.dir={run_dir}", "run.budget=16",
+            *DFS]
+    trials = kill_and_resume(args, run_dir, 16, kill_after=4)
+    assert all(isinstance(t.to_recipe(), LayerPath) for t in trials)
