@@ -48,7 +48,7 @@ def _model_card(recipe: Recipe, sources: Mapping[str, str], scores: Mapping[str,
     return "\n".join(lines)
 
 
-def _default_permissions(folder: Path) -> None:
+def default_permissions(folder: Path) -> None:
     """What a plain ``mkdir`` and ``open`` would have given (the umask's), not the private
     modes of a temporary directory and of some writers' temporary files."""
     umask = os.umask(0)
@@ -82,7 +82,7 @@ def save_merged(
             tokenizer.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(merge_config(recipe, sources), sort_keys=False))
         (tmp / "README.md").write_text(_model_card(recipe, sources, scores))
-        _default_permissions(tmp)
+        default_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -84,8 +84,9 @@ def test_one_router_serves_every_path_in_place():
         path = LayerPath(steps, scales, "m0")
         assert router.route(path) is live and live.config.num_hidden_layers == len(steps)
         torch.testing.assert_close(_logits(live, ids), _logits(plain_model(path, models), ids), rtol=1e-4, atol=1e-4)
-    with pytest.raises(DataFlowError, match="this router frames paths with 'm0'"):
-        router.route(LayerPath([("m0", 0)], [1.0], "m1"))
+    other = LayerPath([("m0", 0), ("m1", 1)], [1.0, 0.9], "m1")  # another io model: the frame follows
+    assert router.route(other) is live and live.lm_head is models["m1"].lm_head
+    torch.testing.assert_close(_logits(live, ids), _logits(plain_model(other, models), ids), rtol=1e-4, atol=1e-4)
 
 
 def test_generation_with_a_repeated_layer_uses_one_cache_slot_per_step():

@@ -5,12 +5,14 @@ best merge (scored as that run scored it); a killed data-flow search resumes."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fuse_evo.cli import main
 from fuse_evo.errors import ConfigError
 from fuse_evo.evaluate.evaluator import Evaluator
 from fuse_evo.merge.dataflow import LayerPath
@@ -51,6 +53,28 @@ def test_hybrid_search_routes_through_the_parameter_space_best(micro_zoo, tmp_pa
     assert info["dataflow"]["merged"]["method"] == "task_arithmetic"
     assert trials[0].to_recipe().steps == (("merged", 0), ("merged", 1))
     assert trials[0].objectives == pytest.approx(ps_best.objectives)  # the merged model itself
+
+    # export: an ordinary model, as many layers as the path, scoring what the search archived
+    out = tmp_path / "export"
+    assert main(["export", str(tmp_path / "hybrid"), "--pick", "best", "--out", str(out)]) == 0
+    with Archive.open(tmp_path / "hybrid") as archive:
+        best = archive.best()
+    path = best.to_recipe()
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert model.config.num_hidden_layers == len(path.steps)
+    assert yaml.safe_load((out / "path.yaml").read_text())["path"] == path.to_dict()
+    evaluator = Evaluator(model, AutoTokenizer.from_pretrained(out), info["tasks"], include_path=info["include_path"],
+                          limit=20)
+    for key, value in best.metrics.items():  # the fold is exact up to RMSNorm's epsilon
+        assert evaluator.score().flat()[key] == pytest.approx(value, abs=0.051), key
+
+    # report: the hybrid vs the parameter-space run vs a data-flow run over the sources alone
+    run_search(command(micro_zoo, tmp_path / "dfs", "run.budget=2", *DFS))
+    assert main(["report", str(tmp_path / "hybrid"), "--baseline", str(tmp_path / "ps"),
+                 "--baseline", str(tmp_path / "dfs")]) == 0
+    rows = json.loads((tmp_path / "hybrid" / "report" / "summary.json").read_text())["heldout"]["rows"]
+    assert [r["name"].split(":")[0] for r in rows[:3]] == [f"best (trial {best.number})", "ps", "dfs"]
+    assert (tmp_path / "hybrid" / "report" / "path.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bad_dataflow_configs_are_refused(micro_zoo, tmp_path):

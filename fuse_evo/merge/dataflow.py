@@ -168,21 +168,26 @@ class Router:
     def __init__(self, models: Mapping[str, nn.Module], io_model: str):
         if io_model not in models:
             raise DataFlowError(f"path io_model: {io_model!r} is not one of the models {sorted(models)}")
-        self.models, self.io_model = dict(models), io_model
+        self.models = dict(models)
         io = models[io_model]
-        cfg = copy.deepcopy(io.config)
-        self.model = _shell(cfg, io)
-        inner, io_inner = _decoder(self.model, "routed"), _decoder(io, io_model)
-        inner.embed_tokens, inner.norm, inner.rotary_emb = io_inner.embed_tokens, io_inner.norm, io_inner.rotary_emb
-        inner.layers = nn.ModuleList()
-        self.model.lm_head = io.lm_head
+        self.model = _shell(copy.deepcopy(io.config), io)
+        _decoder(self.model, "routed").layers = nn.ModuleList()
+        self._frame(io_model)
         self.model.eval()
         self.path: LayerPath | None = None
 
+    def _frame(self, io_model: str) -> None:
+        """Embedding, final norm, rotary tables and head from ``io_model`` (references)."""
+        io = self.models[io_model]
+        inner, io_inner = _decoder(self.model, "routed"), _decoder(io, io_model)
+        inner.embed_tokens, inner.norm, inner.rotary_emb = io_inner.embed_tokens, io_inner.norm, io_inner.rotary_emb
+        self.model.lm_head = io.lm_head
+        self.io_model = io_model
+
     def route(self, path: LayerPath) -> nn.Module:
-        if path.io_model != self.io_model:
-            raise DataFlowError(f"path io_model: {path.io_model!r}, this router frames paths with {self.io_model!r}")
         layers = check_path(path, self.models)
+        if path.io_model != self.io_model:
+            self._frame(path.io_model)
         cfg = self.model.config
         cfg.num_hidden_layers = len(path.steps)
         if getattr(cfg, "layer_types", None):
@@ -238,3 +243,26 @@ def plain_parameter_count(path: LayerPath, models: Mapping[str, nn.Module]) -> i
     inner = _decoder(io, path.io_model)
     frame = {id(p): p.numel() for m in (inner.embed_tokens, inner.norm, io.lm_head) for p in m.parameters()}
     return sum(frame.values()) + sum(p.numel() for layer in layers for p in layer.parameters())
+
+
+def build_router(pool: Any, engine: Any, live: nn.Module, dataflow: Mapping[str, Any], dtype: Any = None) -> Router:
+    """The router of a data-flow search over a ModelPool: each laid-out model a resident live
+    model of its weights (``merged``: ``live``, merged once by the hybrid's recipe with
+    ``engine``), routed to the starting path. ``dataflow``: the search's
+    ``{"io_model", "models", "initial", "merged"}``."""
+    from ..recipe import Recipe
+
+    modules = {}
+    for name in dataflow["models"]:
+        if name == "merged":
+            if not dataflow.get("merged"):
+                raise DataFlowError("space.dataflow.models: 'merged' needs space.dataflow.merged_from (a run dir)")
+            recipe = Recipe.from_dict(dataflow["merged"])
+            engine.check(recipe)
+            engine.materialize(recipe, into=live)
+            modules[name] = live
+        else:
+            modules[name] = pool.new_model(dtype=dtype, device=engine.device, weights=name)
+    router = Router(modules, dataflow["io_model"])
+    router.route(LayerPath.from_dict(dataflow["initial"]))
+    return router

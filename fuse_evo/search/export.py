@@ -164,11 +164,29 @@ class LiveMerge:
                                          device=self.engine.device)
         self.tokenizer = self.pool.tokenizer()
         self.plan = heldout_plan(archive)
-        self._evaluator = None
+        self._evaluators: dict[int, Any] = {}
+        self.router = None
+        dataflow = info.get("dataflow")
+        if dataflow:  # its own live model for "merged", so self.model stays free for recipes
+            from ..merge.dataflow import build_router
 
-    def load(self, recipe: Recipe) -> None:
+            dtype = getattr(torch, self.dtype) if self.dtype else None
+            merged = self.pool.new_model(dtype=dtype, device=self.engine.device) if dataflow.get("merged") else None
+            self.router = build_router(self.pool, self.engine, merged, dataflow, dtype)
+        self.live = self.model
+
+    def load(self, recipe: Any) -> None:
+        """Merge a Recipe into the live model, or route a LayerPath (data-flow runs)."""
+        from ..merge.dataflow import LayerPath
+
+        if isinstance(recipe, LayerPath):
+            if self.router is None:
+                raise ExportError("a layer path, but this run is not a data-flow search")
+            self.live = self.router.route(recipe)
+            return
         self.engine.check(recipe)
         self.engine.materialize(recipe, into=self.model)
+        self.live = self.model
 
     def source_recipe(self, name: str) -> Recipe:
         """A recipe whose merge is the model ``name`` itself (the base: every weight 0)."""
@@ -183,12 +201,14 @@ class LiveMerge:
 
         if self.tokenizer is None:
             raise ExportError(f"{self.sources[self.info['base']]} has no tokenizer: held-out scoring needs one")
-        if self._evaluator is None:
+        evaluator = self._evaluators.get(id(self.live))
+        if evaluator is None:  # one per live object: the merged model, the routed one
             p = self.plan
-            self._evaluator = Evaluator(self.model, self.tokenizer, p.tasks, include_path=p.include_path or None,
-                                        limit=p.limit, limits={k: v for k, v in p.limits.items() if k in p.tasks},
-                                        num_fewshot=p.num_fewshot, batch_size=p.batch_size)
-        metrics = self._evaluator.score().flat()
+            evaluator = self._evaluators[id(self.live)] = Evaluator(
+                self.live, self.tokenizer, p.tasks, include_path=p.include_path or None, limit=p.limit,
+                limits={k: v for k, v in p.limits.items() if k in p.tasks}, num_fewshot=p.num_fewshot,
+                batch_size=p.batch_size)
+        metrics = evaluator.score().flat()
         objectives = heldout_objectives(self.info, self.plan, metrics)
         return {"metrics": metrics, "objectives": objectives, "scalar": scalar_of(self.info, objectives)}
 
@@ -213,6 +233,42 @@ def _model_card(recipe: Recipe, sources: dict[str, str], scores: dict[str, Any],
     return card + "\n" + "\n".join(lines)
 
 
+PATH_FILE = "path.yaml"
+
+
+def _save_path_model(live: LiveMerge, path: Any, info: dict[str, Any], folder: Path, max_shard_size: str) -> Path:
+    """A data-flow candidate as an ordinary model (scales folded into copies of its layers),
+    its tokenizer, and ``path.yaml``: the path, the models it runs through, the hybrid's
+    merged recipe."""
+    from ..merge.dataflow import plain_model
+
+    model = plain_model(path, live.router.models).cpu()
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    if live.tokenizer is not None:
+        live.tokenizer.save_pretrained(folder)
+    dataflow = info.get("dataflow") or {}
+    (folder / PATH_FILE).write_text(yaml.safe_dump({
+        "path": path.to_dict(), "sources": live.sources, "merged": dataflow.get("merged"),
+        "merged_from": dataflow.get("merged_from")}, sort_keys=False))
+    return folder
+
+
+def _path_card(path: Any, sources: dict[str, str], scores: dict[str, Any], provenance: dict[str, Any]) -> str:
+    held = (scores.get("heldout") or {}).get("objectives") or {}
+    lines = ["---", "library_name: transformers", "tags: [merge, data-flow, fuse_evo]", "---",
+             "# Data-flow merge (a path through the layers of several models)", "",
+             "Made with fuse_evo: no training. Each layer below is a copy of a source model's layer; the "
+             "hidden-state scales of the path are folded into them, so this is an ordinary model.", "",
+             f"- embedding, final norm, head: `{path.io_model}`", *[f"- {n}: `{p}`" for n, p in sources.items()], "",
+             "| # | model | layer | scale |", "| --- | --- | --- | --- |",
+             *[f"| {k} | {m} | {i} | {s:.4f} |" for k, ((m, i), s) in enumerate(zip(path.steps, path.scales))], "",
+             "## Scores", "", "| objective | search | held-out |", "| --- | --- | --- |",
+             *[f"| {k} | {v:.4f} | {held.get(k, float('nan')):.4f} |" for k, v in scores["search"]["objectives"].items()],
+             "", "## Provenance", "", *[f"- {k}: `{v}`" for k, v in provenance.items()], "",
+             f"`{PATH_FILE}` holds the path; `scores.json` every metric.", ""]
+    return "\n".join(lines)
+
+
 def export_run(
     run_dir: str | Path,
     out: str | Path,
@@ -223,7 +279,8 @@ def export_run(
     max_shard_size: str = "2GB",
 ) -> Path:
     from .. import mergekit_yaml
-    from ..export import save_merged
+    from ..export import default_permissions, save_merged
+    from ..merge.dataflow import LayerPath
 
     run_dir = Path(run_dir).expanduser().resolve()
     out = Path(out).expanduser().resolve()
@@ -250,24 +307,30 @@ def export_run(
             "strategy": info.get("strategy"), "seed": info.get("seed"), "budget": info.get("budget"),
             "evaluations": archive.count(), "zoo": (info.get("zoo") or {}).get("dir"),
         }
-        mk = mergekit_yaml.recipe_to_mergekit(recipe, live.sources, live.pool, dtype=live.dtype)
-        sources = {n: live.sources[n] for n in (recipe.base, *recipe.models)}
+        is_path = isinstance(recipe, LayerPath)
+        mk = None if is_path else mergekit_yaml.recipe_to_mergekit(recipe, live.sources, live.pool, dtype=live.dtype)
+        sources = live.sources if is_path else {n: live.sources[n] for n in (recipe.base, *recipe.models)}
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export.", dir=out.parent))
         except OSError as e:
             raise ExportError(f"--out {out}: cannot write there ({e.strerror or e})") from None
         try:
-            folder = save_merged(live.model.cpu(), live.tokenizer, staging / "model", recipe, sources,
-                                 max_shard_size=max_shard_size)
-            if live.dtype:  # `fuse-evo merge recipe.yaml` rebuilds in the run's dtype
-                data = yaml.safe_load((folder / "recipe.yaml").read_text())
-                data["dtype"] = live.dtype
-                (folder / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+            if is_path:
+                folder = _save_path_model(live, recipe, info, staging / "model", max_shard_size)
+            else:
+                folder = save_merged(live.model.cpu(), live.tokenizer, staging / "model", recipe, sources,
+                                     max_shard_size=max_shard_size)
+                if live.dtype:  # `fuse-evo merge recipe.yaml` rebuilds in the run's dtype
+                    data = yaml.safe_load((folder / "recipe.yaml").read_text())
+                    data["dtype"] = live.dtype
+                    (folder / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
             (folder / SCORES_FILE).write_text(json.dumps(scores, indent=2, sort_keys=True))
             if mk is not None:
                 (folder / MERGEKIT_FILE).write_text(yaml.safe_dump(mk, sort_keys=False))
-            (folder / "README.md").write_text(_model_card(recipe, sources, scores, provenance))
+            card = _path_card if is_path else _model_card
+            (folder / "README.md").write_text(card(recipe, sources, scores, provenance))
+            default_permissions(folder)
             if out.exists():
                 shutil.rmtree(out)
             os.replace(folder, out)

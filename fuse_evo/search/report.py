@@ -10,7 +10,7 @@
   grid-searched at the same budget) adds its best recipe, scored on the same held-out split;
 - ``convergence.png``: best-so-far scalar objective vs evaluations (every trial as a dot);
 - ``coefficients.png``: the best recipe's per-layer coefficients, one line per source model
-  and parameter.
+  and parameter; for a data-flow run, ``path.png``: the best path's layers and scales.
 """
 
 from __future__ import annotations
@@ -110,6 +110,30 @@ def coefficients_plot(labels: list[str], series: dict[str, list[float]], title: 
     plt.close(fig)
 
 
+def path_plot(path, title: str, path_png: Path) -> None:
+    """A data-flow path: each step's layer index, coloured by its model, its scale written
+    beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(path.steps)), 4))
+    ax.plot(range(len(path.steps)), [i for _, i in path.steps], color="0.8", zorder=1)
+    for n, model in enumerate(dict.fromkeys(m for m, _ in path.steps)):
+        ks = [k for k, (m, _) in enumerate(path.steps) if m == model]
+        ax.scatter(ks, [path.steps[k][1] for k in ks], color=f"C{n}", label=model, zorder=2)
+    for k, ((_, i), s) in enumerate(zip(path.steps, path.scales)):
+        ax.annotate(f"{s:.2f}", (k, i), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.set_xlabel(f"step (embedding and head: {path.io_model})")
+    ax.set_ylabel("source layer")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=100)
+    plt.close(fig)
+
+
 def _uniform_row(info: dict[str, Any], names: list[str]) -> tuple[dict[str, Any] | None, str | None]:
     """The zoo's best uniform task-arithmetic merge on its held-out split, keyed by the run's
     objective names."""
@@ -167,6 +191,14 @@ def open_baselines(run_dir: Path, info: dict[str, Any], baselines: list[str | Pa
             if binfo["base"] != info["base"] or extra:
                 raise ReportError(f"--baseline {b}: merges other models than the run ({extra or binfo['base']} "
                                   f"not among its base {info['base']!r} and sources {info['sources']})")
+            candidate = best.to_recipe()
+            routable = set((info.get("dataflow") or {}).get("models") or [])
+            if candidate.method == "dataflow" and not set(candidate.models) <= routable:
+                raise ReportError(f"--baseline {b}: its best is a layer path through {list(candidate.models)}; this "
+                                  f"run routes through {sorted(routable) or 'no models (not a data-flow run)'}")
+            if "merged" in getattr(candidate, "models", ()) and \
+                    (binfo.get("dataflow") or {}).get("merged") != (info.get("dataflow") or {}).get("merged"):
+                raise ReportError(f"--baseline {b}: routes through another 'merged' model than this run's")
             if _objective_keys(binfo) != _objective_keys(info):
                 raise ReportError(f"--baseline {b}: scored with other objectives "
                                   f"({[o['name'] for o in binfo.get('objectives') or []]}, metrics or weights differ)")
@@ -174,7 +206,7 @@ def open_baselines(run_dir: Path, info: dict[str, Any], baselines: list[str | Pa
             values = (", " + ", ".join(f"{g} {v:.3g}" for g, v in zip(genes, best.genome))) if len(genes) <= 3 else ""
             found.append({"dir": str(b), "name": f"{b.name}: best of {archive.count()} ({binfo.get('strategy')}, "
                           f"{binfo.get('method')}{values})",
-                          "recipe": best.to_recipe(), "search_scalar": best.scalar, "trial": best.number})
+                          "recipe": candidate, "search_scalar": best.scalar, "trial": best.number})
     return found
 
 
@@ -205,8 +237,12 @@ def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = 
                                "objectives": best.objectives, "metrics": best.metrics, "recipe": best.recipe}
             live = LiveMerge(archive, device=device) if heldout else None
             num_layers = live.pool.num_layers if live is not None else _num_layers(info)
-            coefficients_plot(*layer_coefficients(best.to_recipe(), num_layers),
-                              f"best recipe (trial {best.number}, {best.to_recipe().method})", out / "coefficients.png")
+            chosen = best.to_recipe()
+            if chosen.method == "dataflow":
+                path_plot(chosen, f"best path (trial {best.number}, {len(chosen.steps)} layers)", out / "path.png")
+            else:
+                coefficients_plot(*layer_coefficients(chosen, num_layers),
+                                  f"best recipe (trial {best.number}, {chosen.method})", out / "coefficients.png")
             if live is not None:
                 live.load(best.to_recipe())
                 h = live.heldout()
@@ -261,7 +297,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fuse-evo report",
         description="Summarize a search under RUN_DIR/report/: summary.json, summary.md (best vs each "
-        "source model vs the best uniform merge on the held-out split), convergence.png, coefficients.png.",
+        "source model vs the best uniform merge on the held-out split), convergence.png, coefficients.png "
+        "(path.png for a data-flow run).",
     )
     parser.add_argument("run_dir", type=Path, help="the search's run directory")
     parser.add_argument("--no-heldout", dest="heldout", action="store_false",

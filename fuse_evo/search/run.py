@@ -465,7 +465,7 @@ class Search:
                                                    "task_dir": m.task_dir},
             "method": self.space.method,
             "dataflow": None if self.worker_spec.dataflow is None else {
-                k: self.worker_spec.dataflow[k] for k in ("io_model", "models", "merged_from", "merged")},
+                k: self.worker_spec.dataflow[k] for k in ("io_model", "models", "initial", "merged_from", "merged")},
             "genes": self.space.names,
             "lower": self.space.lower.tolist(),
             "upper": self.space.upper.tolist(),

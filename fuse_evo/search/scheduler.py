@@ -111,7 +111,9 @@ class Worker:
             raise FuseEvoError(f"models.base: {spec.base} has no tokenizer; the evaluator needs one")
         self.router = None
         if spec.dataflow is not None:
-            self.router = self._router(spec.dataflow, dtype)
+            from ..merge.dataflow import build_router
+
+            self.router = build_router(self.pool, self.engine, self.model, spec.dataflow, dtype)
         live = self.model if self.router is None else self.router.model
         self.evaluator = Evaluator.from_config(live, tokenizer, spec.evaluator)
         self.objectives.check_tasks(self.evaluator.metric_names())
@@ -119,27 +121,6 @@ class Worker:
         self.build_seconds = time.perf_counter() - t0
         log.info("worker %s ready in %.1f s (%d source models, %d tasks)", self.name, self.build_seconds,
                  len(spec.sources), len(self.evaluator.task_names))
-
-    def _router(self, dataflow: dict[str, Any], dtype: Any):
-        """The data-flow router over the laid-out models, each a resident live model (the
-        model ``merged``: the live model, merged once by the hybrid's recipe)."""
-        from ..merge.dataflow import LayerPath, Router
-        from ..recipe import Recipe
-
-        modules = {}
-        for name in dataflow["models"]:
-            if name == "merged":
-                if not dataflow.get("merged"):
-                    raise FuseEvoError("space.dataflow.models: 'merged' needs space.dataflow.merged_from (a run dir)")
-                recipe = Recipe.from_dict(dataflow["merged"])
-                self.engine.check(recipe)
-                self.engine.materialize(recipe, into=self.model)
-                modules[name] = self.model
-            else:
-                modules[name] = self.pool.new_model(dtype=dtype, device=self.engine.device, weights=name)
-        router = Router(modules, dataflow["io_model"])
-        router.route(LayerPath.from_dict(dataflow["initial"]))
-        return router
 
     def run(self, job: Job) -> Result:
         import torch
