@@ -68,3 +68,50 @@ def test_bad_spaces_and_genomes():
         space().encode(LayerPath([("b", 0), ("b", 1), ("b", 2)], [1.0, 1.0, 1.2], "b"))
     with pytest.raises(SpaceError, match=r"path step 3 \('a', 0\): not in the slots"):
         space(repeats=1).encode(LayerPath([("a", 0), ("b", 0), ("b", 1), ("a", 0)], [1.0] * 4, "b"))
+
+
+def test_path_evolution_mutates_only_scales_on_the_path_and_improves():
+    from dataclasses import replace as dc_replace
+
+    from fuse_evo.search import StrategyConfig, make_strategy
+
+    s = space(repeats=2)
+    target = {("a", 1), ("b", 2)}
+
+    def loss(x):  # prefer paths holding exactly the target layers, with transition scales near 1.3
+        path = s.decode(x) if (x[: s.num_slots] > 0.5).any() else None
+        if path is None:
+            return 10.0
+        layers = set(path.steps)
+        return len(layers ^ target) + sum(abs(v - 1.3) for v in path.scales[1:])
+
+    config = StrategyConfig(backend="path_es", budget=120, seed=4)
+    with make_strategy(config, s) as strategy:
+        first = strategy.ask()
+        np.testing.assert_array_equal(first.genome, s.initial())
+        strategy.tell(first, [loss(first.genome)])
+        best = loss(first.genome)
+        for i in range(119):
+            parent = strategy._parent.copy()
+            c = strategy.ask()
+            unused = set(range(s.num_slots, s.dimension)) - set(s.used_scales(c.genome))
+            assert all(c.genome[j] == parent[j] for j in unused)  # off-path scales untouched
+            assert set(np.unique(c.genome[: s.num_slots])) <= {0.0, 1.0}
+            if i == 60:  # a state round trip continues identically
+                state = strategy.state_dict()
+                twin = make_strategy(config, s)
+                twin.load_state_dict(state)
+                assert [p.id for p in twin.pending()] == [c.id]
+            strategy.tell(c, [loss(c.genome)])
+            if i == 60:
+                twin.tell(twin.pending()[0], [loss(c.genome)])
+                np.testing.assert_array_equal(twin.ask().genome, strategy.ask().genome)
+                strategy.tell(strategy.pending()[0], [10.0])
+            best = min(best, loss(c.genome))
+    assert best < loss(s.initial()) - 1.0
+    with pytest.raises(ConfigError, match="path_es searches data-flow spaces"):
+        from fuse_evo.search import GeneConfig, SearchSpace, SpaceConfig
+
+        ps = SearchSpace(SpaceConfig(method="task_arithmetic", models=["a"], num_layers=1,
+                                     genes={"weight": GeneConfig(0.0, 1.0)}))
+        make_strategy(dc_replace(config), ps)

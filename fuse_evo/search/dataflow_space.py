@@ -74,6 +74,15 @@ class DataFlowSpace(GenomeSpace):
         scales = [1.0] + [float(x[self._scale_index[(a[0], b[0])]]) for a, b in zip(steps, steps[1:])]
         return LayerPath(steps, scales, self.io_model)
 
+    @property
+    def num_slots(self) -> int:
+        return len(self.slots)
+
+    def used_scales(self, genome: Sequence[float] | np.ndarray) -> list[int]:
+        """Indices of the scale genes on the path a genome describes (the others do nothing)."""
+        models = [m for (r, m, i), g in zip(self.slots, genome) if g > THRESHOLD]
+        return sorted({self._scale_index[(a, b)] for a, b in zip(models, models[1:])})
+
     def encode(self, path: LayerPath) -> np.ndarray:
         """A genome decoding to ``path``: its layers matched in slot order, its transition
         scales into the matrix (unused transitions at their start value). SpaceError when the

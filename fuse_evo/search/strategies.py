@@ -523,17 +523,89 @@ class GridSearch(Strategy):
         return blob["handles"]
 
 
+# ---------------------------------------------------------------------------- data-flow paths
+class PathEvolution(Strategy):
+    """A (1 + lambda) evolution strategy that knows a data-flow genome's structure: a child
+    flips each inclusion bit with probability ``flip_rate / slots`` (at least one change), and
+    perturbs (log-normal, ``scale_sigma``) only the scale genes of transitions on its own path:
+    a scale off the path does nothing, so mutating it would waste the evaluation. The parent
+    is the best candidate told so far (steady state: any tell may replace it).
+    """
+
+    backend = "path_es"
+    FLIP_RATE = 1.5
+    SCALE_SIGMA = 0.2
+
+    def __init__(self, config: StrategyConfig, space: SearchSpace):
+        super().__init__(config, space)
+        if getattr(space, "method", None) != "dataflow":
+            raise ConfigError("strategy.backend: path_es searches data-flow spaces (space=dfs); this space merges "
+                              "parameters")
+        self._rng = np.random.default_rng(config.seed)
+        first = self._initial()
+        self._first = first
+        start = space.initial() if first is None else first
+        self._parent = self._snap(start)
+        self._parent_loss = math.inf
+
+    def _snap(self, genome: np.ndarray) -> np.ndarray:
+        """Inclusion genes at 0 or 1 (what they mean), scales as they are."""
+        x = np.array(genome, dtype=np.float64)
+        n = self.space.num_slots
+        x[:n] = (x[:n] > 0.5).astype(np.float64)
+        return x
+
+    def _child(self) -> np.ndarray:
+        x, n = self._parent.copy(), self.space.num_slots
+        flips = self._rng.random(n) < self.FLIP_RATE / n
+        x[:n] = np.where(flips, 1.0 - x[:n], x[:n])
+        scales = self.space.used_scales(x)
+        moved = [j for j in scales if self._rng.random() < 0.5]
+        for j in moved:
+            x[j] *= math.exp(self._rng.normal(0.0, self.SCALE_SIGMA))
+        if not flips.any() and not moved:  # always change something
+            if scales:
+                j = scales[self._rng.integers(len(scales))]
+                x[j] *= math.exp(self._rng.normal(0.0, self.SCALE_SIGMA))
+            else:
+                k = self._rng.integers(n)
+                x[k] = 1.0 - x[k]
+        return np.clip(x, self.space.lower, self.space.upper)
+
+    def _ask(self):
+        if self._first is not None:
+            genome, self._first = self._first, None
+        else:
+            genome = self._child()
+        return self._new_id(), genome, genome
+
+    def _tell(self, handle, losses):
+        if losses is not None and losses[0] < self._parent_loss:  # single objective (checked at build)
+            self._parent, self._parent_loss = self._snap(handle), losses[0]
+
+    def _save(self, handles):
+        first = None if self._first is None else self._first.tolist()
+        return {"rng": self._rng.bit_generator.state, "first": first, "parent": self._parent.tolist(),
+                "parent_loss": self._parent_loss, "handles": {k: v.tolist() for k, v in handles.items()}}
+
+    def _load(self, blob):
+        self._rng.bit_generator.state = blob["rng"]
+        self._first = None if blob["first"] is None else np.array(blob["first"])
+        self._parent, self._parent_loss = np.array(blob["parent"]), float(blob["parent_loss"])
+        return {int(k): np.array(v) for k, v in blob["handles"].items()}
+
+
 # ---------------------------------------------------------------------------- factory
 BACKENDS: dict[str, type[Strategy]] = {"nevergrad": NevergradStrategy, "optuna": OptunaStrategy,
-                                       "random": RandomSearch, "grid": GridSearch}
-_DEFAULT_OPTIMIZER = {"nevergrad": "NGOpt", "optuna": "tpe", "random": None, "grid": None}
+                                       "random": RandomSearch, "grid": GridSearch, "path_es": PathEvolution}
+_DEFAULT_OPTIMIZER = {"nevergrad": "NGOpt", "optuna": "tpe", "random": None, "grid": None, "path_es": None}
 
 
 def make_strategy(config: StrategyConfig, space: SearchSpace) -> Strategy:
     """The strategy a config names, over ``space``; ConfigError naming the key at fault."""
     if config.backend not in BACKENDS:
         raise ConfigError(f"strategy.backend: {config.backend!r} is not one of {', '.join(BACKENDS)}")
-    if config.backend in ("random", "grid") and config.optimizer is not None:
+    if config.backend in ("random", "grid", "path_es") and config.optimizer is not None:
         raise ConfigError(f"strategy.optimizer: {config.backend} search has none, got {config.optimizer!r}; "
                           "set it to null")
     for key, least in (("budget", 1), ("num_objectives", 1), ("num_workers", 1), ("population_size", 2)):
@@ -542,6 +614,8 @@ def make_strategy(config: StrategyConfig, space: SearchSpace) -> Strategy:
             raise ConfigError(f"strategy.{key}: must be at least {least}, got {value}")
     if config.num_workers is None:
         config = replace(config, num_workers=1)
+    if config.backend == "path_es" and config.num_objectives != 1:
+        raise ConfigError("strategy.num_objectives: path_es is single-objective (the weighted sum); use nsga2")
     if config.optimizer is None and _DEFAULT_OPTIMIZER[config.backend]:
         config = replace(config, optimizer=_DEFAULT_OPTIMIZER[config.backend])
     return BACKENDS[config.backend](config, space)
