@@ -86,7 +86,7 @@ def test_bad_dataflow_configs_are_refused(micro_zoo, tmp_path):
 
 def test_dataflow_search_resumes_after_sigkill(micro_zoo, tmp_path):
     run_dir = tmp_path / "killed"
-    args = ["experiment=micro", f"models.zoo.out_dir={zoo_dir(micro_zoo)}", f"run.dir={run_dir}", "run.budget=16",
-            *DFS]
-    trials = kill_and_resume(args, run_dir, 16, kill_after=4)
+    args = ["experiment=micro", f"models.zoo.out_dir={zoo_dir(micro_zoo)}", f"run.dir={run_dir}", "run.budget=10",
+            *DFS, "strategy=path_es"]
+    trials = kill_and_resume(args, run_dir, 10, kill_after=3)
     assert all(isinstance(t.to_recipe(), LayerPath) for t in trials)
