@@ -90,3 +90,20 @@ def test_dataflow_search_resumes_after_sigkill(micro_zoo, tmp_path):
             *DFS, "strategy=path_es"]
     trials = kill_and_resume(args, run_dir, 10, kill_after=3)
     assert all(isinstance(t.to_recipe(), LayerPath) for t in trials)
+
+
+def test_chained_hybrid_runs_its_first_stage_and_resumes_after_sigkill(micro_zoo, tmp_path):
+    """One command: stage 1 (experiment=micro) into RUN/stages/micro, then data flow over its
+    best; killed in stage 2 and run again, stage 1 is found finished and stage 2 resumes."""
+    run_dir = tmp_path / "hybrid"
+    args = ["experiment=micro", f"models.zoo.out_dir={zoo_dir(micro_zoo)}", f"run.dir={run_dir}", "run.budget=8",
+            *DFS, "strategy=path_es", "+space.dataflow.merge_stage=micro"]
+    trials = kill_and_resume(args, run_dir, 8, kill_after=2)
+    with Archive.open(run_dir / "stages" / "micro") as stage:
+        assert stage.count() == 12 and stage.info["method"] == "task_arithmetic"
+        stage_best = stage.best()
+    assert trials[0].to_recipe().steps == (("merged", 0), ("merged", 1))
+    assert trials[0].objectives == pytest.approx(stage_best.objectives)
+    with pytest.raises(ConfigError, match="merge_stage: give it or merged_from"):
+        run_search(command(micro_zoo, tmp_path / "c", *DFS, "+space.dataflow.merge_stage=micro",
+                           f"+space.dataflow.merged_from={run_dir}"))

@@ -54,7 +54,10 @@ class DataFlowSpaceConfig:
     ``repeats``: how often the layer sequence is repeated; ``scale_*``: the transition
     scales' bounds and start; ``max_path_length``: longer paths are refused (null: no limit);
     ``merged_from``: a finished parameter-space run directory whose best recipe becomes the
-    model ``merged`` (the hybrid search: parameter space first, then data flow)."""
+    model ``merged`` (the hybrid search: parameter space first, then data flow);
+    ``merge_stage``: instead, an experiment run first as this search's first stage (into
+    ``RUN_DIR/stages/NAME``, on the same models, seed and cluster; resumed or skipped when
+    the command runs again), whose best recipe becomes ``merged``."""
 
     models: list[str] = field(default_factory=list)
     io_model: Optional[str] = None
@@ -65,6 +68,7 @@ class DataFlowSpaceConfig:
     scale_init: float = 1.0
     max_path_length: Optional[int] = None
     merged_from: Optional[str] = None
+    merge_stage: Optional[str] = None
 
 
 @dataclass

@@ -57,6 +57,7 @@ STRATEGY_FILE = "strategy.pkl"
 LOG_FILE = "search.log"
 LOCK_FILE = ".lock"
 OUR_FILES = (CONFIG_FILE, DB_FILE, STRATEGY_FILE, LOG_FILE)
+STAGES_DIR = "stages"  # a hybrid search's first stage runs in RUN_DIR/stages/NAME
 CHECKPOINT_FORMAT = 1
 # keys that may change between a run and its resume without changing what is searched
 RESUME_SAFE = ("run.budget", "strategy.budget", "run.overwrite", "run.progress", "run.id", "run.dir",
@@ -206,7 +207,8 @@ def _prepare_run_dir(cmd: SearchCommand) -> tuple[Path, str, bool, dict[str, Any
         return run_dir, run_id, True, stored
     if run_dir.is_dir():
         ours = [n for n in (DB_FILE, STRATEGY_FILE) if (run_dir / n).exists()]
-        others = sorted(p.name for p in run_dir.iterdir() if p.name not in OUR_FILES and not p.name.startswith("."))
+        others = sorted(p.name for p in run_dir.iterdir()
+                        if p.name not in (*OUR_FILES, STAGES_DIR) and not p.name.startswith("."))
         if ours and not cmd.run.overwrite:
             raise RunDirError(f"run.dir {run_dir} holds {ours} but no {CONFIG_FILE}: not a run that can resume; "
                               "pass run.overwrite=true to start afresh")
@@ -680,8 +682,54 @@ class Search:
 
 
 def run_search(cmd: SearchCommand, scheduler_factory=None) -> SearchResult:
-    """Start or resume the search ``cmd`` describes; returns when its budget is reached."""
+    """Start or resume the search ``cmd`` describes (its first stage first, for a hybrid
+    search with ``space.dataflow.merge_stage``); returns when its budget is reached."""
+    cmd = run_first_stage(cmd, scheduler_factory)
     return Search(cmd, scheduler_factory).run()
+
+
+def compose_search(overrides: list[str]) -> SearchCommand:
+    """A ``fuse-evo search`` config composed as the command line would compose it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ..cli import config_dir
+
+    if GlobalHydra.instance().is_initialized():  # inside the fuse-evo search application
+        cfg = compose(config_name="search", overrides=overrides)
+    else:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name="search", overrides=overrides)
+    return OmegaConf.to_object(cfg)
+
+
+def run_first_stage(cmd: SearchCommand, scheduler_factory=None) -> SearchCommand:
+    """A hybrid search's parameter-space stage (``space.dataflow.merge_stage``: an experiment)
+    run, resumed, or found finished in ``RUN_DIR/stages/NAME`` on the same models, seed and
+    cluster; returns ``cmd`` with that directory as ``merged_from``."""
+    df = cmd.space.dataflow if cmd.space.method == "dataflow" else None
+    if df is None or not df.merge_stage:
+        return cmd
+    if df.merged_from:
+        raise ConfigError("space.dataflow.merge_stage: give it or merged_from (a finished run), not both")
+    stage_dir = Path(cmd.run.dir).expanduser().resolve() / STAGES_DIR / df.merge_stage
+    try:
+        stage = compose_search([f"experiment={df.merge_stage}", f"run.dir={stage_dir}", f"seed={cmd.seed}"])
+    except Exception as e:  # Hydra's errors name the missing experiment
+        raise ConfigError(f"space.dataflow.merge_stage: {df.merge_stage!r}: {e}") from None
+    if stage.space.method == "dataflow":
+        raise ConfigError(f"space.dataflow.merge_stage: {df.merge_stage!r} is a data-flow experiment; the first "
+                          "stage merges parameters")
+    stage = replace(stage, models=cmd.models, cluster=cmd.cluster,
+                    run=replace(stage.run, progress=cmd.run.progress, overwrite=cmd.run.overwrite,
+                                db_url=cmd.run.db_url, dashboard=cmd.run.dashboard))
+    log.info("stage 1 of 2: experiment %s in %s", df.merge_stage, stage_dir)
+    result = Search(stage, scheduler_factory).run()
+    if result.best is None:
+        raise FuseEvoError(f"stage 1 ({df.merge_stage}, {stage_dir}): no candidate completed, nothing to merge")
+    log.info("stage 2 of 2: data flow over stage 1's best (trial %d, scalar %.4f)", result.best.number,
+             result.best.scalar)
+    return replace(cmd, space=replace(cmd.space, dataflow=replace(df, merged_from=str(stage_dir))))
 
 
 def summary(result: SearchResult) -> str:
