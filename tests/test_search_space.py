@@ -244,6 +244,13 @@ def test_shipped_spaces_compose_and_build(tmp_path, name):
     cfg = _compose(tmp_path, [f"space={name}", "space.models=[ft_a,ft_b]", "space.num_layers=4"])
     config = OmegaConf.to_object(cfg.space)
     assert isinstance(config, SpaceConfig) and isinstance(config.granularity, GranularityConfig)
+    if config.method == "dataflow":  # genomes -> layer paths -> genomes
+        from fuse_evo.search.dataflow_space import DataFlowSpace
+
+        space = DataFlowSpace(replace(config.dataflow, models=config.models), {"num_hidden_layers": 4})
+        path = space.decode(space.initial())
+        assert space.decode(space.encode(path)) == path and path.io_model == "ft_a"
+        return
     if config.method == "slerp":
         config = replace(config, models=["ft_a"])
     space = SearchSpace(config)
@@ -263,3 +270,11 @@ def test_typos_fail_at_compose_naming_the_key(tmp_path):
         _compose(tmp_path, ["space=typo"])
     with pytest.raises(ConfigCompositionException, match="split_attn_mlp"):
         _compose(tmp_path, ["space.granularity.split_attn_mlp=maybe"])
+
+
+def test_an_unknown_method_is_named():
+    with pytest.raises(ConfigError, match=r"space.method: 'task_arithmatic' is not a merge method \(linear, "):
+        SearchSpace(SpaceConfig(method="task_arithmatic", models=["a"], num_layers=1,
+                                genes={"weight": GeneConfig(0.0, 1.0)}))
+    with pytest.raises(ConfigError, match="a data-flow space .* is a DataFlowSpace"):
+        SearchSpace(SpaceConfig(method="dataflow", models=["a"], num_layers=1))

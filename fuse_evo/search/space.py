@@ -102,6 +102,10 @@ class SearchSpace(GenomeSpace):
     def __init__(self, config: SpaceConfig, model_config: Mapping[str, Any] | None = None):
         self.config = config
         self.method = config.method
+        if self.method not in PER_MODEL_PARAMS:
+            hint = "; a data-flow space (method: dataflow) is a DataFlowSpace" if self.method == "dataflow" else ""
+            raise ConfigError(f"space.method: {self.method!r} is not a merge method ({', '.join(PER_MODEL_PARAMS)})"
+                              f"{hint}")
         self.models = tuple(config.models)
         self.base = config.base
         self.num_layers = _num_layers(config, model_config)
