@@ -107,3 +107,24 @@ def test_chained_hybrid_runs_its_first_stage_and_resumes_after_sigkill(micro_zoo
     with pytest.raises(ConfigError, match="merge_stage: give it or merged_from"):
         run_search(command(micro_zoo, tmp_path / "c", *DFS, "+space.dataflow.merge_stage=micro",
                            f"+space.dataflow.merged_from={run_dir}"))
+
+
+def test_path_length_and_parameter_count_are_cost_objectives(micro_zoo, tmp_path):
+    from dataclasses import replace
+
+    from fuse_evo.config import ObjectiveConfig
+
+    cmd = command(micro_zoo, tmp_path / "costs", "run.budget=6", *DFS, "strategy=path_es")
+    objectives = [*cmd.evaluator.objectives, ObjectiveConfig(name="layers", cost="layers", weight=0.01),
+                  ObjectiveConfig(name="params", cost="params", weight=0.0)]
+    run_search(replace(cmd, evaluator=replace(cmd.evaluator, objectives=objectives)))
+    model = AutoModelForCausalLM.from_pretrained(micro_zoo["models"]["ft_increment"]["path"])
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    frame = sum(p.numel() for p in model.parameters()) - len(model.model.layers) * per_layer
+    with Archive.open(tmp_path / "costs") as archive:
+        trials = archive.trials("complete")
+    assert {len(t.to_recipe().steps) for t in trials} != {2}  # path_es changed the path length
+    for t in trials:
+        n = len(t.to_recipe().steps)
+        assert t.objectives["layers"] == n and t.objectives["params"] == frame + n * per_layer
+        assert t.scalar == pytest.approx(sum(t.objectives[s] for s in ("increment", "reverse", "shift")) / 3 - 0.01 * n)
