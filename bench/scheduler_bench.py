@@ -68,14 +68,9 @@ class UnequalWorker(Worker):
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+    from fuse_evo.cli import compose as compose_command
 
-    from fuse_evo.cli import config_dir
-
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return OmegaConf.to_object(hydra_compose(config_name="search", overrides=overrides))
+    return compose_command("search", overrides)
 
 
 def measure(name: str, overrides: list[str], workdir: Path, factory) -> dict:

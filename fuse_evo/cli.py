@@ -34,6 +34,19 @@ def config_dir() -> Path:
     return path
 
 
+def compose(config_name: str, overrides: list[str]):
+    """A command's config composed as its command line would compose it, as its dataclass
+    (inside a running ``fuse-evo`` application, or from a script or a test)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        cfg = hydra.compose(config_name=config_name, overrides=overrides)
+    else:
+        with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = hydra.compose(config_name=config_name, overrides=overrides)
+    return OmegaConf.to_object(cfg)
+
+
 def _zoo(cfg: DictConfig) -> None:
     from .zoo.build import build_zoo, score_table
 

@@ -48,6 +48,16 @@ def _model_card(recipe: Recipe, sources: Mapping[str, str], scores: Mapping[str,
     return "\n".join(lines)
 
 
+def staging_dir(out: Path, error: type[FuseEvoError] = FuseEvoError) -> Path:
+    """A fresh temporary folder beside ``out`` (the same file system, so the finished folder
+    is renamed into place atomically); ``error`` names ``--out`` if it cannot be written."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise error(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
 def default_permissions(folder: Path) -> None:
     """What a plain ``mkdir`` and ``open`` would have given (the umask's), not the private
     modes of a temporary directory and of some writers' temporary files."""
@@ -71,11 +81,7 @@ def save_merged(
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise FuseEvoError(f"--out {out} already exists; remove it or pass --overwrite")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as e:
-        raise FuseEvoError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    tmp = staging_dir(out)
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:

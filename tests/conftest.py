@@ -11,17 +11,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from fuse_evo.cli import config_dir  # noqa: E402
+from fuse_evo.cli import compose  # noqa: E402
 
 
 def compose_command(config_name: str, overrides: list[str]):
     """Compose a command's config exactly as the CLI does, as its dataclass."""
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides)
-    return OmegaConf.to_object(cfg)
+    return compose(config_name, overrides)
 
 
 def micro_zoo_config(out_dir: Path, *extra: str):

@@ -331,3 +331,15 @@ def test_runs_share_a_database_url(micro_zoo, tmp_path):
     assert Archive.open(tmp_path / "a").count() == 1 and Archive.open(tmp_path / "b").count() == 3
     with sqlite3.connect(tmp_path / "shared.db") as c:
         assert c.execute("select count(*) from fe_runs").fetchone()[0] == 2
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_checkpoint_owned_by_another_user_needs_trust(micro_zoo, tmp_path):
+    run_dir = tmp_path / "run"
+    run_search(command(micro_zoo, run_dir, "strategy=random", "run.budget=2"))
+    os.chown(run_dir / "strategy.pkl", 12345, -1)
+    with pytest.raises(RunDirError, match=r"belongs to another user \(uid 12345\).*run.trust_checkpoint=true"):
+        run_search(command(micro_zoo, run_dir, "strategy=random", "run.budget=3"))
+    assert Archive.open(run_dir).count() == 2  # nothing loaded, nothing run
+    result = run_search(command(micro_zoo, run_dir, "strategy=random", "run.budget=3", "run.trust_checkpoint=true"))
+    assert result.resumed and result.evaluations == 3

@@ -150,6 +150,8 @@ class RunConfig:
     the live model (default: CUDA when available, the checkpoint's dtype). ``threads``:
     torch CPU threads (null: torch's default). ``dashboard``: mirror every evaluation into an
     Optuna study in the archive database, so ``optuna-dashboard DB_URL`` shows the run.
+    ``trust_checkpoint``: resume from a ``strategy.pkl`` another user owns (a pickle runs
+    what it says when loaded; by default only your own are loaded).
     """
 
     dir: str = "runs/${name}"
@@ -162,6 +164,7 @@ class RunConfig:
     threads: Optional[int] = None
     progress: bool = True
     dashboard: bool = True
+    trust_checkpoint: bool = False
 
 
 @dataclass

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -279,7 +278,7 @@ def export_run(
     max_shard_size: str = "2GB",
 ) -> Path:
     from .. import mergekit_yaml
-    from ..export import default_permissions, save_merged
+    from ..export import default_permissions, save_merged, staging_dir
     from ..merge.dataflow import LayerPath
 
     run_dir = Path(run_dir).expanduser().resolve()
@@ -310,11 +309,7 @@ def export_run(
         is_path = isinstance(recipe, LayerPath)
         mk = None if is_path else mergekit_yaml.recipe_to_mergekit(recipe, live.sources, live.pool, dtype=live.dtype)
         sources = live.sources if is_path else {n: live.sources[n] for n in (recipe.base, *recipe.models)}
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export.", dir=out.parent))
-        except OSError as e:
-            raise ExportError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+        staging = staging_dir(out, ExportError)
         try:
             if is_path:
                 folder = _save_path_model(live, recipe, info, staging / "model", max_shard_size)

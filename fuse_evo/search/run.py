@@ -61,7 +61,7 @@ STAGES_DIR = "stages"  # a hybrid search's first stage runs in RUN_DIR/stages/NA
 CHECKPOINT_FORMAT = 1
 # keys that may change between a run and its resume without changing what is searched
 RESUME_SAFE = ("run.budget", "strategy.budget", "run.overwrite", "run.progress", "run.id", "run.dir",
-               "run.threads", "run.dashboard", "cluster", "strategy.num_workers")
+               "run.threads", "run.dashboard", "run.trust_checkpoint", "cluster", "strategy.num_workers")
 
 
 class RunDirError(FuseEvoError):
@@ -296,11 +296,17 @@ def save_checkpoint(run_dir: Path, run_id: str, strategy: Strategy) -> None:
     _atomic_write(run_dir / STRATEGY_FILE, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def load_checkpoint(run_dir: Path, run_id: str, strategy: Strategy) -> None:
+def load_checkpoint(run_dir: Path, run_id: str, strategy: Strategy, trust: bool = False) -> None:
     """Resume the strategy from ``strategy.pkl``. It is a pickle (optimizer states are not
-    JSON), so loading runs whatever the file says: only resume run directories you or your
-    own runs wrote, as you would only import code you trust."""
+    JSON; the strategy's own blobs inside it are pickles too), so loading runs whatever the
+    file says: a file another user owns is refused unless ``trust`` (``run.trust_checkpoint``)."""
     path = run_dir / STRATEGY_FILE
+    owner = path.stat().st_uid
+    if owner != os.getuid() and not trust:
+        raise RunDirError(f"{path} belongs to another user (uid {owner}); it is a pickle, which runs code when "
+                          "loaded. Resume it only if you trust its author: pass run.trust_checkpoint=true")
+    if owner != os.getuid():
+        log.warning("loading %s, a pickle owned by uid %d (run.trust_checkpoint=true)", path, owner)
     try:
         state = pickle.loads(path.read_bytes())
     except Exception as e:
@@ -403,7 +409,7 @@ class Search:
         checkpoint = self.run_dir / STRATEGY_FILE
         n_rows = self.archive.count()
         if checkpoint.exists():
-            load_checkpoint(self.run_dir, self.run_id, self.strategy)
+            load_checkpoint(self.run_dir, self.run_id, self.strategy, trust=cmd.run.trust_checkpoint)
         elif n_rows:
             raise RunDirError(f"run.dir {self.run_dir}: the archive holds {n_rows} evaluations but {STRATEGY_FILE} "
                               "is missing, so the strategy cannot continue; pass run.overwrite=true to start afresh")
@@ -688,21 +694,6 @@ def run_search(cmd: SearchCommand, scheduler_factory=None) -> SearchResult:
     return Search(cmd, scheduler_factory).run()
 
 
-def compose_search(overrides: list[str]) -> SearchCommand:
-    """A ``fuse-evo search`` config composed as the command line would compose it."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from ..cli import config_dir
-
-    if GlobalHydra.instance().is_initialized():  # inside the fuse-evo search application
-        cfg = compose(config_name="search", overrides=overrides)
-    else:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose(config_name="search", overrides=overrides)
-    return OmegaConf.to_object(cfg)
-
-
 def run_first_stage(cmd: SearchCommand, scheduler_factory=None) -> SearchCommand:
     """A hybrid search's parameter-space stage (``space.dataflow.merge_stage``: an experiment)
     run, resumed, or found finished in ``RUN_DIR/stages/NAME`` on the same models, seed and
@@ -714,7 +705,9 @@ def run_first_stage(cmd: SearchCommand, scheduler_factory=None) -> SearchCommand
         raise ConfigError("space.dataflow.merge_stage: give it or merged_from (a finished run), not both")
     stage_dir = Path(cmd.run.dir).expanduser().resolve() / STAGES_DIR / df.merge_stage
     try:
-        stage = compose_search([f"experiment={df.merge_stage}", f"run.dir={stage_dir}", f"seed={cmd.seed}"])
+        from ..cli import compose
+
+        stage = compose("search", [f"experiment={df.merge_stage}", f"run.dir={stage_dir}", f"seed={cmd.seed}"])
     except Exception as e:  # Hydra's errors name the missing experiment
         raise ConfigError(f"space.dataflow.merge_stage: {df.merge_stage!r}: {e}") from None
     if stage.space.method == "dataflow":
