@@ -80,7 +80,10 @@ class ObjectiveConfig:
     ``zoo_increment_search/acc``; ``cost`` is ``params``, ``layers`` or ``tokens_per_s``. Give
     exactly one. ``direction`` is ``max`` or ``min`` (default: ``max`` for metrics and
     tokens/s, ``min`` for parameters and layers); ``weight`` scales the objective in a
-    single-objective (weighted-sum) run.
+    single-objective (weighted-sum) run. ``reference``: the objective's side of the point a
+    multi-objective run's hypervolume is measured from (a model counts only where it beats it
+    in every objective); null: 0 for a maximized metric (an accuracy's floor), else the worst
+    value the run has seen (reports say which).
     """
 
     name: str = "???"
@@ -88,6 +91,7 @@ class ObjectiveConfig:
     cost: Optional[str] = None
     direction: Optional[str] = None
     weight: float = 1.0
+    reference: Optional[float] = None
 
 
 @dataclass

@@ -34,6 +34,7 @@ class Objective:
     task: str | None = None  # a metric objective: task and "metric,filter"
     metric: str | None = None
     cost: str | None = None  # or a cost: params | layers | tokens_per_s
+    reference: float | None = None  # the hypervolume's reference value (None: see ``default_reference``)
 
     @property
     def key(self) -> str:
@@ -43,6 +44,18 @@ class Objective:
     @property
     def sign(self) -> float:
         return 1.0 if self.direction == "max" else -1.0
+
+    @property
+    def default_reference(self) -> float | None:
+        return default_reference(self.reference, self.cost is None, self.direction)
+
+
+def default_reference(reference: float | None, is_metric: bool, direction: str) -> float | None:
+    """An objective's hypervolume reference: the stated one, else 0 for a maximized metric
+    (an accuracy's floor), else None (a reader takes the worst value the run has seen)."""
+    if reference is not None:
+        return float(reference)
+    return 0.0 if is_metric and direction == "max" else None
 
 
 def parse_metric(spec: str, where: str) -> tuple[str, str]:
@@ -63,9 +76,10 @@ def _field(cfg: Any, key: str, default: Any = None) -> Any:
 def objective(cfg: ObjectiveConfig | Mapping[str, Any], where: str = "objectives[0]") -> Objective:
     """Validate one objective config; every error names the key at fault."""
     if isinstance(cfg, Mapping):
-        unknown = set(cfg) - {"name", "metric", "cost", "direction", "weight"}
+        unknown = set(cfg) - {"name", "metric", "cost", "direction", "weight", "reference"}
         if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} (known: name, metric, cost, direction, weight)")
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} (known: name, metric, cost, direction, "
+                              "weight, reference)")
     name = _field(cfg, "name")
     if not isinstance(name, str) or not name or name == "???":
         raise ConfigError(f"{where}.name: every objective needs a name")
@@ -84,10 +98,18 @@ def objective(cfg: ObjectiveConfig | Mapping[str, Any], where: str = "objectives
         raise ConfigError(f"{where}.weight: {weight!r} is not a number") from None
     if not math.isfinite(weight) or weight < 0:
         raise ConfigError(f"{where}.weight: must be a finite number >= 0, got {weight}")
+    reference = _field(cfg, "reference")
+    if reference is not None:
+        try:
+            reference = float(reference)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}.reference: {reference!r} is not a number") from None
+        if not math.isfinite(reference):
+            raise ConfigError(f"{where}.reference: must be finite, got {reference}")
     task = metric_key = None
     if metric is not None:
         task, metric_key = parse_metric(str(metric), where)
-    return Objective(name, direction, weight, task, metric_key, cost)
+    return Objective(name, direction, weight, task, metric_key, cost, reference)
 
 
 class Objectives:

@@ -23,13 +23,15 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import sqlalchemy as sa
 import yaml
 
 from ..errors import FuseEvoError
+from ..evaluate.objectives import default_reference
 from ..recipe import Recipe
+from . import pareto
 
 CONFIG_FILE = "config.yaml"
 DB_FILE = "archive.db"
@@ -325,18 +327,53 @@ class Archive:
             return done[:k]
         return done[0] if done else None
 
+    # ------------------------------------------------------------------ Pareto view
+    def directions(self) -> dict[str, str]:
+        """``{objective name: "max" | "min"}`` in the run's objective order."""
+        return {o["name"]: o["direction"] for o in self.info["objectives"]}
+
+    def _scored(self) -> list[Trial]:
+        names = set(self.directions())
+        return [t for t in self.trials("complete") if names <= set(t.objectives)]
+
     def pareto_front(self) -> list[Trial]:
         """Completed trials that no other completed trial dominates on the objectives (each
-        in its own direction), in trial order; a recipe repeated as a duplicate counts once."""
-        signs = {o["name"]: (-1.0 if o["direction"] == "max" else 1.0) for o in self.info["objectives"]}
-        done = [t for t in self.trials("complete") if set(signs) <= set(t.objectives)]
-        values = [[signs[n] * float(t.objectives[n]) for n in signs] for t in done]
-        return [t for i, t in enumerate(done)
-                if not any(_dominates(values[j], values[i]) for j in range(len(done)) if j != i)]
+        in its own direction), in trial order. Failed trials never count; a recipe evaluated
+        again (a duplicate) counts once; different recipes with equal values all stay."""
+        done, directions = self._scored(), self.directions()
+        return [done[i] for i in pareto.front_indices([pareto.to_losses(t.objectives, directions) for t in done])]
 
+    def reference_point(self) -> tuple[dict[str, float], dict[str, str]]:
+        """The hypervolume's reference point in the objectives' own units, and where each
+        value comes from: ``stated`` (the objective's ``reference``), ``default`` (0 for a
+        maximized metric) or ``worst seen`` (the worst completed value; None-free only once
+        a trial completed)."""
+        point, source = {}, {}
+        done = self._scored()
+        for o in self.info["objectives"]:
+            stated = o.get("reference")
+            value = default_reference(stated, o.get("metric") is not None, o["direction"])
+            if value is not None:
+                point[o["name"]], source[o["name"]] = value, "stated" if stated is not None else "default"
+            elif done:
+                values = [float(t.objectives[o["name"]]) for t in done]
+                point[o["name"]] = min(values) if o["direction"] == "max" else max(values)
+                source[o["name"]] = "worst seen"
+        return point, source
 
-def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+    def hypervolume_history(self, reference: Mapping[str, float] | None = None) -> list[float]:
+        """The hypervolume of the front after each evaluation (trial order; failures and
+        duplicates add nothing), against ``reference`` (objective units; default
+        ``reference_point()``)."""
+        directions = self.directions()
+        reference = dict(reference) if reference is not None else self.reference_point()[0]
+        if set(reference) != set(directions):
+            raise ArchiveError(f"hypervolume: the reference point covers {sorted(reference)}, the run's objectives "
+                               f"are {list(directions)}")
+        ref = pareto.to_losses(reference, directions)
+        points = [pareto.to_losses(t.objectives, directions) if t.status == "complete" and t.ok
+                  and set(directions) <= set(t.objectives) else None for t in self.trials()]
+        return pareto.hypervolume_history(points, ref)
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:

@@ -110,7 +110,7 @@ class StrategyConfig:
     optimizer: Optional[str] = None
     budget: int = 100
     population_size: Optional[int] = None
-    num_objectives: int = 1
+    num_objectives: Optional[int] = 1  # 1: the weighted sum; null (or their number): each objective
     num_workers: Optional[int] = None  # candidates in flight at once (null: the cluster's workers)
     seed: int = 0
     initial: Any = "uniform"

@@ -45,6 +45,7 @@ from omegaconf import OmegaConf
 from ..errors import ConfigError, FuseEvoError
 from ..recipe import Recipe
 from .archive import CONFIG_FILE, DB_FILE, Archive, Trial, default_url
+from .pareto import Front
 from .config import ModelsConfig, SearchCommand
 from .scheduler import Job, Result, Scheduler, WorkerSpec, check_cluster, make_scheduler
 from .space import SearchSpace, SpaceError
@@ -77,6 +78,7 @@ class SearchResult:
     best: Trial | None
     resumed: bool
     already_done: bool
+    front: str | None = None  # runs of several objectives: "front N, hv X"
 
 
 # ---------------------------------------------------------------------------- config
@@ -377,9 +379,9 @@ class Search:
 
         self.objectives = Objectives(cmd.evaluator.objectives, prefix="evaluator.objectives")
         n_obj = cmd.strategy.num_objectives
-        if n_obj not in (1, len(self.objectives)):
-            raise ConfigError(f"strategy.num_objectives: {n_obj}; use 1 (the weighted sum of the objectives) or "
-                              f"{len(self.objectives)} (each of {self.objectives.names})")
+        if n_obj not in (None, 1, len(self.objectives)):
+            raise ConfigError(f"strategy.num_objectives: {n_obj}; use 1 (the weighted sum of the objectives), "
+                              f"{len(self.objectives)} (each of {self.objectives.names}) or null (each of them)")
         evaluator = cmd.evaluator
         if not evaluator.include_path and self.models.task_dir:
             evaluator = replace(evaluator, include_path=[self.models.task_dir])
@@ -393,11 +395,16 @@ class Search:
         )
 
         strategy_cfg = cmd.strategy
+        if strategy_cfg.num_objectives is None:  # null: every objective (kept null in config.yaml)
+            strategy_cfg = replace(strategy_cfg, num_objectives=len(self.objectives))
         if self.resumed and stored is not None:  # the optimizer planned for its first budget and workers
             first = stored.get("strategy") or {}
             strategy_cfg = replace(strategy_cfg, budget=int(first.get("budget", strategy_cfg.budget)),
                                    num_workers=int(first.get("num_workers") or strategy_cfg.num_workers))
-        self.strategy = make_strategy(strategy_cfg, self.space)
+        reference = [o.default_reference for o in self.objectives]
+        self.reference = None if None in reference else self.objectives.losses(
+            dict(zip(self.objectives.names, reference)))  # losses; None: some value is taken from the run
+        self.strategy = make_strategy(strategy_cfg, self.space, reference=self.reference)
         self._stack.callback(self.strategy.close)
 
         url = cmd.run.db_url or default_url(self.run_dir)
@@ -478,7 +485,8 @@ class Search:
             "lower": self.space.lower.tolist(),
             "upper": self.space.upper.tolist(),
             "objectives": [{"name": o.name, "direction": o.direction, "weight": o.weight, "metric":
-                            None if o.task is None else f"{o.task}/{o.metric}", "cost": o.cost} for o in self.objectives],
+                            None if o.task is None else f"{o.task}/{o.metric}", "cost": o.cost,
+                            "reference": o.reference} for o in self.objectives],
             "scalar": "sum of weight x objective (signed: larger is better)",
             "strategy": self.strategy.name,
             "multi_objective": self.strategy.multi_objective,
@@ -561,19 +569,32 @@ class Search:
         self._after(trial)
         return trial
 
+    def _to_front(self, trial: Trial) -> bool:
+        """Offer a completed trial to the live front (runs of several objectives)."""
+        if self.front is None or trial.status != "complete" or not trial.ok:
+            return False
+        return self.front.add(self.objectives.losses(trial.objectives))
+
+    def _front_text(self) -> str:
+        if self.front is None:
+            return ""
+        return f"front {len(self.front)}" + (f", hv {self.front.hypervolume:.4g}" if self.reference else "")
+
     def _after(self, trial: Trial) -> None:
         if trial.ok and (self.best is None or trial.scalar > self.best.scalar):
             self.best = trial
         if trial.status == "failed":
             self.n_failed += 1
+        joined = self._to_front(trial)
         t = trial.timings
         trial_log.info(
-            "trial %d (candidate %d) %s%s%s%s", trial.number, trial.candidate_id, trial.status,
+            "trial %d (candidate %d) %s%s%s%s%s", trial.number, trial.candidate_id, trial.status,
             f" of trial {trial.duplicate_of}" if trial.duplicate_of is not None else "",
             f" scalar {trial.scalar:.4f} {json.dumps({k: round(v, 4) for k, v in trial.objectives.items()})}"
             if trial.scalar is not None else "",
             (f" merge {t.get('merge', 0):.3f}s score {t.get('score', 0):.3f}s" if t else "")
             + (f": {trial.error}" if trial.error else ""),
+            f" -> joins the front ({self._front_text()})" if joined else "",
         )
         if self.bar is not None:
             self.bar.update(1)
@@ -581,7 +602,8 @@ class Search:
 
     def _postfix(self) -> str:
         best = "-" if self.best is None else f"{self.best.scalar:.4f}"
-        return f"best {best}" + (f", failed {self.n_failed}" if self.n_failed else "")
+        return (f"best {best}" + (f", {self._front_text()}" if self.front is not None else "")
+                + (f", failed {self.n_failed}" if self.n_failed else ""))
 
     # ------------------------------------------------------------------ running
     def _decode(self, candidate: Candidate) -> tuple[Recipe | None, str | None]:
@@ -607,6 +629,9 @@ class Search:
         done = self.archive.count()
         self.best = self.archive.best()
         self.n_failed = self.archive.count("failed")
+        self.front = Front(self.reference) if len(self.objectives) > 1 else None
+        for trial in self.archive.trials("complete"):
+            self._to_front(trial)
         self.bar = None
         if done >= self.budget:
             msg = (f"run {self.run_id} in {self.run_dir} reached its budget: {done} of {self.budget} evaluations "
@@ -678,13 +703,15 @@ class Search:
             log.info("workers: %d, busy %.1f%% of %.1f s (idle %.1f%%)", scheduler.capacity,
                      100 * busy / (scheduler.capacity * wall), wall, 100 - 100 * busy / (scheduler.capacity * wall))
         done = self.archive.count()
-        log.info("run %s finished its budget: %d evaluations%s", self.run_id, done,
+        log.info("run %s finished its budget: %d evaluations%s%s", self.run_id, done,
                  "" if self.best is None else f"; best trial {self.best.number}, scalar {self.best.scalar:.4f} "
-                 f"{json.dumps({k: round(v, 4) for k, v in self.best.objectives.items()})}")
+                 f"{json.dumps({k: round(v, 4) for k, v in self.best.objectives.items()})}",
+                 f"; {self._front_text()}" if self.front is not None else "")
         return self._result(done, already_done=False)
 
     def _result(self, done: int, already_done: bool, message: str | None = None) -> SearchResult:
-        return SearchResult(self.run_dir, self.run_id, done, self.budget, self.archive.best(), self.resumed, already_done)
+        return SearchResult(self.run_dir, self.run_id, done, self.budget, self.archive.best(), self.resumed, already_done,
+                            self._front_text() or None)
 
 
 def run_search(cmd: SearchCommand, scheduler_factory=None) -> SearchResult:
@@ -740,5 +767,7 @@ def summary(result: SearchResult) -> str:
     else:
         objectives = ", ".join(f"{k} {v:.4f}" for k, v in best.objectives.items())
         lines.append(f"best: trial {best.number}, scalar {best.scalar:.4f} ({objectives}); recipe {best.recipe_key}")
+    if result.front:
+        lines.append(f"pareto: {result.front} (fuse-evo export RUN_DIR --pick pareto writes every member)")
     lines.append(f"run dir: {result.run_dir} (config.yaml, archive.db, strategy.pkl, search.log)")
     return "\n".join(lines)

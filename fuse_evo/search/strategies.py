@@ -207,8 +207,9 @@ class NevergradStrategy(Strategy):
 
     backend = "nevergrad"
 
-    def __init__(self, config: StrategyConfig, space: SearchSpace):
+    def __init__(self, config: StrategyConfig, space: SearchSpace, reference: Sequence[float] | None = None):
         super().__init__(config, space)
+        self._reference = None if reference is None or not self.multi_objective else [float(r) for r in reference]
         name = config.optimizer
         if name not in ng.optimizers.registry:
             raise ConfigError(f"strategy.optimizer: nevergrad has no optimizer {name!r}; try CMA, DE, "
@@ -237,6 +238,8 @@ class NevergradStrategy(Strategy):
         parametrization = ng.p.Array(init=init, lower=self.space.lower, upper=self.space.upper)
         parametrization.random_state = np.random.RandomState(self.config.seed)
         optimizer = self._family(parametrization, budget=self.config.budget, num_workers=self.config.num_workers)
+        if self._reference is not None:  # multi-objective: the hypervolume's reference point, before any tell
+            optimizer.tell(ng.p.MultiobjectiveReference(), self._reference)
         if self._start is not None:
             optimizer.suggest(self._start)
         return optimizer
@@ -601,8 +604,11 @@ BACKENDS: dict[str, type[Strategy]] = {"nevergrad": NevergradStrategy, "optuna":
 _DEFAULT_OPTIMIZER = {"nevergrad": "NGOpt", "optuna": "tpe", "random": None, "grid": None, "path_es": None}
 
 
-def make_strategy(config: StrategyConfig, space: SearchSpace) -> Strategy:
-    """The strategy a config names, over ``space``; ConfigError naming the key at fault."""
+def make_strategy(config: StrategyConfig, space: SearchSpace, reference: Sequence[float] | None = None) -> Strategy:
+    """The strategy a config names, over ``space``; ConfigError naming the key at fault.
+    ``reference``: a multi-objective run's hypervolume reference point (losses), which
+    Nevergrad's multi-objective mode measures its front against (the others ignore it).
+    ``num_objectives`` null counts as 1 here: a search fills it with its objectives first."""
     if config.backend not in BACKENDS:
         raise ConfigError(f"strategy.backend: {config.backend!r} is not one of {', '.join(BACKENDS)}")
     if config.backend in ("random", "grid", "path_es") and config.optimizer is not None:
@@ -614,8 +620,12 @@ def make_strategy(config: StrategyConfig, space: SearchSpace) -> Strategy:
             raise ConfigError(f"strategy.{key}: must be at least {least}, got {value}")
     if config.num_workers is None:
         config = replace(config, num_workers=1)
+    if config.num_objectives is None:
+        config = replace(config, num_objectives=1)
     if config.backend == "path_es" and config.num_objectives != 1:
         raise ConfigError("strategy.num_objectives: path_es is single-objective (the weighted sum); use nsga2")
     if config.optimizer is None and _DEFAULT_OPTIMIZER[config.backend]:
         config = replace(config, optimizer=_DEFAULT_OPTIMIZER[config.backend])
+    if config.backend == "nevergrad":
+        return NevergradStrategy(config, space, reference=reference)
     return BACKENDS[config.backend](config, space)
