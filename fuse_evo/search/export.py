@@ -27,6 +27,7 @@ import yaml
 
 from ..errors import FuseEvoError
 from ..recipe import Recipe
+from . import pareto
 from .archive import Archive, Trial
 
 SCORES_FILE = "scores.json"
@@ -268,6 +269,113 @@ def _path_card(path: Any, sources: dict[str, str], scores: dict[str, Any], prove
     return "\n".join(lines)
 
 
+FRONT_FILE = "front.json"
+
+
+def pick_front(archive: Archive, pick: str) -> list[Trial] | None:
+    """``pareto`` (every member of the run's Pareto front) or ``pareto:K`` (K members spread
+    over it, the best of each objective first), ordered by the first objective; None for a
+    pick of one trial (``best``, ``trial:N``)."""
+    kind, sep, k = (pick or "").strip().partition(":")
+    if kind != "pareto":
+        return None
+    if sep and not (k.strip().isdigit() and int(k) >= 1):
+        raise ExportError(f"--pick {pick!r}: expected pareto or pareto:K with K a whole number >= 1")
+    if len(archive.info.get("objectives") or []) < 2:
+        raise ExportError(f"--pick {pick}: run {archive.run_id} has one objective; its front is its best "
+                          "(--pick best)")
+    front = archive.pareto_front()
+    if not front:
+        raise ExportError(f"run {archive.run_id}: no completed trial, so no Pareto front to export")
+    directions = archive.directions()
+    losses = [pareto.to_losses(t.objectives, directions) for t in front]
+    chosen = pareto.spread(losses, int(k)) if sep else range(len(front))
+    return sorted((front[i] for i in chosen), key=lambda t: pareto.to_losses(t.objectives, directions))
+
+
+def _write_trial(archive: Archive, run_dir: Path, live: LiveMerge, trial: Trial, folder: Path, heldout: bool,
+                 max_shard_size: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One trial's merge as a model folder (weights, tokenizer, recipe.yaml or path.yaml,
+    scores.json, mergekit.yaml when mergekit can express it, a card); returns its scores."""
+    from .. import mergekit_yaml
+    from ..export import save_merged
+    from ..merge.dataflow import LayerPath
+
+    recipe = trial.to_recipe()
+    live.load(recipe)
+    info, config = archive.info, archive.config
+    scores: dict[str, Any] = {
+        "run_id": archive.run_id,
+        "trial": trial.number,
+        "recipe_key": trial.recipe_key,
+        "search": {"metrics": trial.metrics, "objectives": trial.objectives, "scalar": trial.scalar,
+                   "how": {k: (config.get("evaluator") or {}).get(k) for k in
+                           ("tasks", "include_path", "limit", "limits", "samples", "num_fewshot", "batch_size")}},
+    }
+    if heldout:
+        scores["heldout"] = {**live.heldout(), "how": live.plan.to_dict()}
+    provenance = {
+        "run": f"{info.get('name')} ({archive.run_id})", "run dir": str(run_dir), "trial": trial.number,
+        "strategy": info.get("strategy"), "seed": info.get("seed"), "budget": info.get("budget"),
+        "evaluations": archive.count(), "zoo": (info.get("zoo") or {}).get("dir"), **(extra or {}),
+    }
+    is_path = isinstance(recipe, LayerPath)
+    mk = None if is_path else mergekit_yaml.recipe_to_mergekit(recipe, live.sources, live.pool, dtype=live.dtype)
+    sources = live.sources if is_path else {n: live.sources[n] for n in (recipe.base, *recipe.models)}
+    if is_path:
+        _save_path_model(live, recipe, info, folder, max_shard_size)
+    else:
+        save_merged(live.model.cpu(), live.tokenizer, folder, recipe, sources, max_shard_size=max_shard_size)
+        live.model.to(live.engine.device)
+        if live.dtype:  # `fuse-evo merge recipe.yaml` rebuilds in the run's dtype
+            data = yaml.safe_load((folder / "recipe.yaml").read_text())
+            data["dtype"] = live.dtype
+            (folder / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    (folder / SCORES_FILE).write_text(json.dumps(scores, indent=2, sort_keys=True))
+    if mk is not None:
+        (folder / MERGEKIT_FILE).write_text(yaml.safe_dump(mk, sort_keys=False))
+    card = _path_card if is_path else _model_card
+    (folder / "README.md").write_text(card(recipe, sources, scores, provenance))
+    return scores
+
+
+def _front_index(archive: Archive, members: list[tuple[Trial, dict[str, Any]]], total: int) -> tuple[dict, str]:
+    """front.json and the folder's README: each member's folder, search and held-out scores,
+    and the hypervolume of what was exported."""
+    directions = archive.directions()
+    reference, source = archive.reference_point()
+    ref = pareto.to_losses(reference, directions) if len(reference) == len(directions) else None
+    search_hv = None if ref is None else pareto.hypervolume(
+        [pareto.to_losses(t.objectives, directions) for t, _ in members], ref)
+    held = [(s.get("heldout") or {}).get("objectives") or {} for _, s in members]
+    held_hv = None
+    if ref is not None and held and all(set(directions) <= set(h) for h in held):
+        held_hv = pareto.hypervolume([pareto.to_losses(h, directions) for h in held], ref)
+    names = list(directions)
+    index = {"run_id": archive.run_id, "front_size": total, "exported": len(members),
+             "reference_point": reference, "reference_source": source,
+             "hypervolume": {"search": search_hv, "heldout": held_hv},
+             "members": [{"folder": f"trial_{t.number}", "trial": t.number, "search": t.objectives,
+                          "heldout": h or None} for (t, _), h in zip(members, held)]}
+    lines = [f"# Pareto front of run {archive.run_id}", "",
+             f"{len(members)} of the front's {total} members (objectives: "
+             + ", ".join(f"{n} ({d})" for n, d in directions.items()) + "). Each folder is an ordinary model "
+             "with its recipe, scores.json and a model card.", "",
+             "| folder | " + " | ".join(f"search {n}" for n in names)
+             + (" | " + " | ".join(f"held-out {n}" for n in names) if any(held) else "") + " |",
+             "| --- |" + " --- |" * (len(names) * (2 if any(held) else 1))]
+    for (t, _), h in zip(members, held):
+        cells = [f"{t.objectives[n]:.4f}" for n in names]
+        if any(held):
+            cells += [f"{h[n]:.4f}" if n in h else "-" for n in names]
+        lines.append(f"| trial_{t.number} | " + " | ".join(cells) + " |")
+    if search_hv is not None:
+        lines += ["", "Hypervolume of these members against the reference point "
+                  + ", ".join(f"{n} {reference[n]:g} ({source[n]})" for n in names)
+                  + f": search {search_hv:.4f}" + (f", held-out {held_hv:.4f}" if held_hv is not None else "") + "."]
+    return index, "\n".join(lines) + "\n"
+
+
 def export_run(
     run_dir: str | Path,
     out: str | Path,
@@ -277,54 +385,35 @@ def export_run(
     device: str | None = None,
     max_shard_size: str = "2GB",
 ) -> Path:
-    from .. import mergekit_yaml
-    from ..export import default_permissions, save_merged, staging_dir
-    from ..merge.dataflow import LayerPath
+    """Export one trial (``best``, ``trial:N``) as a model folder at ``out``, or Pareto front
+    members (``pareto``, ``pareto:K``) as ``out/trial_N/`` folders with ``front.json`` and a
+    README table. Written in a staging folder and moved into place when complete."""
+    from ..export import default_permissions, staging_dir
 
     run_dir = Path(run_dir).expanduser().resolve()
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise ExportError(f"--out {out} already exists; remove it or pass --overwrite")
     with Archive.open(run_dir) as archive:
-        trial = pick_trial(archive, pick)
-        recipe = trial.to_recipe()
+        front = pick_front(archive, pick)
+        trials = front if front is not None else [pick_trial(archive, pick)]
         live = LiveMerge(archive, device=device)
-        live.load(recipe)
-        info, config = archive.info, archive.config
-        scores: dict[str, Any] = {
-            "run_id": archive.run_id,
-            "trial": trial.number,
-            "recipe_key": trial.recipe_key,
-            "search": {"metrics": trial.metrics, "objectives": trial.objectives, "scalar": trial.scalar,
-                       "how": {k: (config.get("evaluator") or {}).get(k) for k in
-                               ("tasks", "include_path", "limit", "limits", "samples", "num_fewshot", "batch_size")}},
-        }
-        if heldout:
-            scores["heldout"] = {**live.heldout(), "how": live.plan.to_dict()}
-        provenance = {
-            "run": f"{info.get('name')} ({archive.run_id})", "run dir": str(run_dir), "trial": trial.number,
-            "strategy": info.get("strategy"), "seed": info.get("seed"), "budget": info.get("budget"),
-            "evaluations": archive.count(), "zoo": (info.get("zoo") or {}).get("dir"),
-        }
-        is_path = isinstance(recipe, LayerPath)
-        mk = None if is_path else mergekit_yaml.recipe_to_mergekit(recipe, live.sources, live.pool, dtype=live.dtype)
-        sources = live.sources if is_path else {n: live.sources[n] for n in (recipe.base, *recipe.models)}
         staging = staging_dir(out, ExportError)
         try:
-            if is_path:
-                folder = _save_path_model(live, recipe, info, staging / "model", max_shard_size)
+            if front is None:
+                folder = staging / "model"
+                _write_trial(archive, run_dir, live, trials[0], folder, heldout, max_shard_size)
             else:
-                folder = save_merged(live.model.cpu(), live.tokenizer, staging / "model", recipe, sources,
-                                     max_shard_size=max_shard_size)
-                if live.dtype:  # `fuse-evo merge recipe.yaml` rebuilds in the run's dtype
-                    data = yaml.safe_load((folder / "recipe.yaml").read_text())
-                    data["dtype"] = live.dtype
-                    (folder / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-            (folder / SCORES_FILE).write_text(json.dumps(scores, indent=2, sort_keys=True))
-            if mk is not None:
-                (folder / MERGEKIT_FILE).write_text(yaml.safe_dump(mk, sort_keys=False))
-            card = _path_card if is_path else _model_card
-            (folder / "README.md").write_text(card(recipe, sources, scores, provenance))
+                folder = staging / "front"
+                total = len(archive.pareto_front())
+                members = []
+                for i, trial in enumerate(trials):
+                    extra = {"pareto front": f"member {i + 1} of {len(trials)} exported ({total} on the front)"}
+                    members.append((trial, _write_trial(archive, run_dir, live, trial, folder / f"trial_{trial.number}",
+                                                        heldout, max_shard_size, extra)))
+                index, readme = _front_index(archive, members, total)
+                (folder / FRONT_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+                (folder / "README.md").write_text(readme)
             default_permissions(folder)
             if out.exists():
                 shutil.rmtree(out)
@@ -344,8 +433,10 @@ def main(argv: list[str]) -> int:
         "mergekit can express the recipe.",
     )
     parser.add_argument("run_dir", type=Path, help="the search's run directory")
-    parser.add_argument("--pick", default="best", help="best (default) or trial:N")
-    parser.add_argument("--out", required=True, type=Path, help="output model folder")
+    parser.add_argument("--pick", default="best",
+                        help="best (default), trial:N, pareto (every front member) or pareto:K (K spread over it)")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="output model folder (for pareto picks: a folder of trial_N model folders)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--no-heldout", dest="heldout", action="store_false", help="skip held-out scoring")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the run's device)")
@@ -353,6 +444,10 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     out = export_run(args.run_dir, args.out, pick=args.pick, overwrite=args.overwrite, heldout=args.heldout,
                      device=args.device, max_shard_size=args.max_shard_size)
+    if (out / FRONT_FILE).exists():
+        print((out / "README.md").read_text())
+        print(f"exported to {out}")
+        return 0
     scores = json.loads((out / SCORES_FILE).read_text())
     line = f"trial {scores['trial']}: search scalar {scores['search']['scalar']:.4f}"
     held = (scores.get("heldout") or {}).get("scalar")

@@ -9,8 +9,15 @@
   with the same objectives, e.g. ``experiment=quickstart_uniform``: one global scale
   grid-searched at the same budget) adds its best recipe, scored on the same held-out split;
 - ``convergence.png``: best-so-far scalar objective vs evaluations (every trial as a dot);
-- ``coefficients.png``: the best recipe's per-layer coefficients, one line per source model
-  and parameter; for a data-flow run, ``path.png``: the best path's layers and scales.
+- ``coefficients.png`` / ``heatmap.png``: the best recipe's per-layer coefficients, one line
+  (one heatmap) per source model and parameter; for a data-flow run, ``path.png``: the best
+  path's layers and scales;
+- runs of several objectives: ``front.png`` (the Pareto front among every trial for two
+  objectives, parallel coordinates of its members for more), ``hypervolume.png`` (after each
+  evaluation, against the run's reference point), ``front_heatmap.png`` (each member's
+  coefficients), and a front table with K members scored on the held-out split.
+
+``summary.md`` embeds the figures. Several runs at once: ``fuse_evo.search.compare``.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FuseEvoError
+from . import pareto
 from .archive import Archive, Trial
 from .export import LiveMerge, heldout_plan
 
@@ -36,33 +44,6 @@ def _atomic_text(path: Path, text: str) -> None:
 def counts(archive: Archive) -> dict[str, int]:
     return {"evaluations": archive.count(), "completed": archive.count("complete"),
             "failed": archive.count("failed"), "deduplicated": archive.count("duplicate")}
-
-
-def convergence_plot(trials: list[Trial], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs, ys, best, bx, by = [], [], None, [], []
-    for t in trials:
-        if t.ok:
-            xs.append(t.number + 1)
-            ys.append(t.scalar)
-            best = t.scalar if best is None else max(best, t.scalar)
-        if best is not None:
-            bx.append(t.number + 1)
-            by.append(best)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(xs, ys, s=10, alpha=0.4, label="trial")
-    ax.step(bx, by, where="post", color="C3", label="best so far")
-    ax.set_xlabel("evaluations")
-    ax.set_ylabel("scalar objective (larger is better)")
-    ax.set_title("convergence")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def layer_coefficients(recipe, num_layers: int) -> tuple[list[str], dict[str, list[float]]]:
@@ -88,50 +69,6 @@ def layer_coefficients(recipe, num_layers: int) -> tuple[list[str], dict[str, li
                 continue
             series[label if part == "attn" else f"{label} (mlp)"] = [float(v) for v in values]
     return labels, series
-
-
-def coefficients_plot(labels: list[str], series: dict[str, list[float]], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, values in series.items():
-        ax.plot(range(len(values)), values, marker="o", label=label)
-    ax.set_xlabel("tensor group (embedding, layers, final norm, head)")
-    ax.set_ylabel("coefficient")
-    ax.set_title(title)
-    ax.set_xticks(range(len(labels)), labels)
-    if series:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def path_plot(path, title: str, path_png: Path) -> None:
-    """A data-flow path: each step's layer index, coloured by its model, its scale written
-    beside it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(path.steps)), 4))
-    ax.plot(range(len(path.steps)), [i for _, i in path.steps], color="0.8", zorder=1)
-    for n, model in enumerate(dict.fromkeys(m for m, _ in path.steps)):
-        ks = [k for k, (m, _) in enumerate(path.steps) if m == model]
-        ax.scatter(ks, [path.steps[k][1] for k in ks], color=f"C{n}", label=model, zorder=2)
-    for k, ((_, i), s) in enumerate(zip(path.steps, path.scales)):
-        ax.annotate(f"{s:.2f}", (k, i), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
-    ax.set_xlabel(f"step (embedding and head: {path.io_model})")
-    ax.set_ylabel("source layer")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path_png, dpi=100)
-    plt.close(fig)
 
 
 def _uniform_row(info: dict[str, Any], names: list[str]) -> tuple[dict[str, Any] | None, str | None]:
@@ -210,8 +147,75 @@ def open_baselines(run_dir: Path, info: dict[str, Any], baselines: list[str | Pa
     return found
 
 
+def _pareto_section(archive: Archive, trials: list[Trial], out: Path, live: LiveMerge | None, front_heldout: int,
+                    num_layers: int, plots: Any) -> tuple[dict[str, Any], list[str]]:
+    """A run of several objectives: its front (and K spread members scored held-out), the
+    hypervolume over evaluations, the front plot and the front's coefficient heatmap."""
+    directions = archive.directions()
+    names = list(directions)
+    front = archive.pareto_front()
+    reference, source = archive.reference_point()
+    history = archive.hypervolume_history(reference) if len(reference) == len(names) else []
+    ref_text = ", ".join(f"{n} {reference[n]:g} ({source[n]})" for n in names if n in reference)
+    section: dict[str, Any] = {"front_size": len(front), "reference_point": reference, "reference_source": source,
+                               "hypervolume": history[-1] if history else None,
+                               "members": [{"trial": t.number, "search": t.objectives} for t in front]}
+    scored: list[tuple[Trial, dict[str, float]]] = []
+    if live is not None and front and front_heldout:
+        losses = [pareto.to_losses(t.objectives, directions) for t in front]
+        for i in pareto.spread(losses, front_heldout):
+            live.load(front[i].to_recipe())
+            scored.append((front[i], live.heldout()["objectives"]))
+        by_trial = {t.number: h for t, h in scored}
+        for m in section["members"]:
+            m["heldout"] = by_trial.get(m["trial"])
+        if reference and all(set(names) <= set(h) for _, h in scored):
+            section["heldout_hypervolume"] = pareto.hypervolume(
+                [pareto.to_losses(h, directions) for _, h in scored], pareto.to_losses(reference, directions))
+    done = [t for t in trials if t.status == "complete" and t.ok and set(names) <= set(t.objectives)]
+    figures = []
+    if len(names) == 2:
+        plots.front_scatter(names, [[t.objectives[n] for n in names] for t in done],
+                            [[t.objectives[n] for n in names] for t in front],
+                            [reference[n] for n in names] if len(reference) == 2 else None, out / "front.png",
+                            heldout=[[h[n] for n in names] for _, h in scored if set(names) <= set(h)],
+                            title=f"Pareto front ({len(front)} of {len(done)} completed)")
+    elif front:
+        plots.parallel_coordinates(names, [[t.objectives[n] for n in names] for t in front], out / "front.png",
+                                   colour_by=[t.scalar for t in front])
+    figures.append(("Pareto front", "front.png"))
+    if history:
+        plots.hypervolume_plot({archive.run_id: history}, out / "hypervolume.png", ref_text)
+        figures.append(("Hypervolume over evaluations", "hypervolume.png"))
+    recipes = [(f"trial {t.number}", t.to_recipe()) for t in
+               sorted(front, key=lambda t: pareto.to_losses(t.objectives, directions))]
+    rows = [(label, layer_coefficients(r, num_layers)[1]) for label, r in recipes if r.method != "dataflow"]
+    if rows and any(series for _, series in rows):
+        plots.coefficient_heatmaps(layer_coefficients(recipes[0][1], num_layers)[0], rows,
+                                   f"front members' coefficients (sorted by {names[0]})", out / "front_heatmap.png")
+        figures.append(("Coefficients along the front", "front_heatmap.png"))
+    text = ["## Pareto front", "",
+            f"{len(front)} non-dominated of {len(done)} completed evaluations; hypervolume "
+            + (f"{section['hypervolume']:.4f}" if section["hypervolume"] is not None else "-")
+            + (f" (held-out, the {len(scored)} members below: {section['heldout_hypervolume']:.4f})"
+               if section.get("heldout_hypervolume") is not None else "")
+            + f" against the reference point {ref_text or '(none: no completed trial)'}.", ""]
+    shown = scored or [(t, {}) for t in front[:20]]
+    text += ["| trial | " + " | ".join(f"search {n}" for n in names)
+             + (" | " + " | ".join(f"held-out {n}" for n in names) if scored else "") + " |",
+             "| --- |" + " --- |" * (len(names) * (2 if scored else 1))]
+    for t, h in sorted(shown, key=lambda th: pareto.to_losses(th[0].objectives, directions)):
+        cells = [f"{t.objectives[n]:.4f}" for n in names] + ([f"{h.get(n, float('nan')):.4f}" for n in names]
+                                                             if scored else [])
+        text.append(f"| {t.number} | " + " | ".join(cells) + " |")
+    if scored and len(scored) < len(front):
+        text += ["", f"(held-out: {len(scored)} members spread over the front; --front-heldout K for more)"]
+    return section, text + [""] + [f"![{title}]({png})" for title, png in figures] + [""]
+
+
 def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = None,
-                baselines: list[str | Path] = ()) -> dict[str, Any]:
+                baselines: list[str | Path] = (), front_heldout: int = 8) -> dict[str, Any]:
+    from . import plots
     from .export import scalar_of
 
     run_dir = Path(run_dir).expanduser().resolve()
@@ -225,11 +229,13 @@ def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = 
             raise ReportError("--baseline: baselines are compared on the held-out split; drop --no-heldout")
         summary: dict[str, Any] = {"run_id": archive.run_id, "name": info.get("name"), **counts(archive),
                                    "budget": info.get("budget"), "strategy": info.get("strategy"),
-                                   "best": None, "heldout": None, "notes": []}
+                                   "best": None, "heldout": None, "pareto": None, "notes": []}
         out.mkdir(parents=True, exist_ok=True)
-        convergence_plot(trials, out / "convergence.png")
+        plots.convergence_plot(trials, out / "convergence.png")
+        figures = [("Convergence", "convergence.png")]
         names = [o["name"] for o in info.get("objectives") or []]
         rows: list[dict[str, Any]] = []
+        pareto_text: list[str] = []
         if best is None:
             summary["notes"].append("no trial completed: no best recipe, no held-out table")
         else:
@@ -239,10 +245,18 @@ def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = 
             num_layers = live.pool.num_layers if live is not None else _num_layers(info)
             chosen = best.to_recipe()
             if chosen.method == "dataflow":
-                path_plot(chosen, f"best path (trial {best.number}, {len(chosen.steps)} layers)", out / "path.png")
+                plots.path_plot(chosen, f"best path (trial {best.number}, {len(chosen.steps)} layers)",
+                                out / "path.png")
+                figures.append(("Best path", "path.png"))
             else:
-                coefficients_plot(*layer_coefficients(chosen, num_layers),
-                                  f"best recipe (trial {best.number}, {chosen.method})", out / "coefficients.png")
+                labels, series = layer_coefficients(chosen, num_layers)
+                title = f"best recipe (trial {best.number}, {chosen.method})"
+                plots.coefficients_plot(labels, series, title, out / "coefficients.png")
+                plots.coefficient_heatmaps(labels, [(f"trial {best.number}", series)], title, out / "heatmap.png")
+                figures += [("Best recipe's coefficients", "coefficients.png"), ("As a heatmap", "heatmap.png")]
+            if len(names) > 1:
+                summary["pareto"], pareto_text = _pareto_section(archive, trials, out, live, front_heldout,
+                                                                 num_layers, plots)
             if live is not None:
                 live.load(best.to_recipe())
                 h = live.heldout()
@@ -270,11 +284,13 @@ def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = 
     table = _table(rows, names) if rows else "(no held-out table)"
     text = [f"# Search report: {summary['name']} ({summary['run_id']})", "",
             f"evaluations: {summary['evaluations']} of budget {summary['budget']} (completed {summary['completed']}, "
-            f"failed {summary['failed']}, deduplicated {summary['deduplicated']})", ""]
+            f"failed {summary['failed']}, deduplicated {summary['deduplicated']}); strategy {summary['strategy']}", ""]
     if summary["best"]:
-        text.append(f"best: trial {summary['best']['trial']}, search scalar {summary['best']['scalar']:.4f}")
+        text.append(f"best (largest weighted sum of the objectives): trial {summary['best']['trial']}, search "
+                    f"scalar {summary['best']['scalar']:.4f}")
         text.append("")
     text += ["## Held-out", "", table, ""] + [f"- {n}" for n in summary["notes"]]
+    text += ["", *pareto_text, "## Figures", ""] + [f"![{title}]({png})" for title, png in figures]
     _atomic_text(out / "summary.md", "\n".join(text) + "\n")
     _atomic_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
     summary["text"] = "\n".join(text)
@@ -304,11 +320,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-heldout", dest="heldout", action="store_false",
                         help="skip held-out scoring (no models are loaded)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the run's device)")
+    parser.add_argument("--front-heldout", type=int, default=8, metavar="K",
+                        help="runs of several objectives: score K front members, spread over it, on the "
+                        "held-out split (default 8; 0: none)")
     parser.add_argument("--baseline", action="append", default=[], metavar="RUN_DIR",
                         help="another search over the same models and objectives (e.g. experiment="
                         "quickstart_uniform): its best recipe joins the held-out table (repeatable)")
     args = parser.parse_args(argv)
-    summary = make_report(args.run_dir, heldout=args.heldout, device=args.device, baselines=args.baseline)
+    summary = make_report(args.run_dir, heldout=args.heldout, device=args.device, baselines=args.baseline,
+                          front_heldout=args.front_heldout)
     print(summary["text"])
     print(f"\nreport written to {Path(args.run_dir).expanduser().resolve() / REPORT_DIR}")
     return 0
