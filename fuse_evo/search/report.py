@@ -312,11 +312,12 @@ def main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="fuse-evo report",
-        description="Summarize a search under RUN_DIR/report/: summary.json, summary.md (best vs each "
-        "source model vs the best uniform merge on the held-out split), convergence.png, coefficients.png "
-        "(path.png for a data-flow run).",
+        description="One run: summarize it under RUN_DIR/report/ (summary.md with the held-out table of the best "
+        "vs each source model vs the best uniform merge, convergence, coefficients, and for several objectives "
+        "the Pareto front and its hypervolume). Several runs, or a folder of runs (a sweep, a study): compare "
+        "them in OUT/compare.md (a table per run and per group of seeds, one plot).",
     )
-    parser.add_argument("run_dir", type=Path, help="the search's run directory")
+    parser.add_argument("run_dir", type=Path, nargs="+", help="a run directory; several, or a folder of runs, compare")
     parser.add_argument("--no-heldout", dest="heldout", action="store_false",
                         help="skip held-out scoring (no models are loaded)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the run's device)")
@@ -324,11 +325,27 @@ def main(argv: list[str]) -> int:
                         help="runs of several objectives: score K front members, spread over it, on the "
                         "held-out split (default 8; 0: none)")
     parser.add_argument("--baseline", action="append", default=[], metavar="RUN_DIR",
-                        help="another search over the same models and objectives (e.g. experiment="
-                        "quickstart_uniform): its best recipe joins the held-out table (repeatable)")
+                        help="one run: another search over the same models and objectives (e.g. experiment="
+                        "quickstart_uniform) whose best recipe joins the held-out table (repeatable)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="comparisons: where compare.md goes (default: the runs' common folder /report)")
     args = parser.parse_args(argv)
-    summary = make_report(args.run_dir, heldout=args.heldout, device=args.device, baselines=args.baseline,
-                          front_heldout=args.front_heldout)
+    from .archive import CONFIG_FILE
+
+    if len(args.run_dir) == 1 and (args.run_dir[0] / CONFIG_FILE).is_file():
+        if args.out is not None:
+            raise ReportError("--out: a single run's report goes to RUN_DIR/report; --out is for comparisons")
+        summary = make_report(args.run_dir[0], heldout=args.heldout, device=args.device, baselines=args.baseline,
+                              front_heldout=args.front_heldout)
+        print(summary["text"])
+        print(f"\nreport written to {Path(args.run_dir[0]).expanduser().resolve() / REPORT_DIR}")
+        return 0
+    if args.baseline:
+        raise ReportError("--baseline: for a single run's report; a comparison puts every run in its table")
+    from .compare import compare_runs
+
+    summary = compare_runs(args.run_dir, out=args.out, heldout=args.heldout, device=args.device,
+                           front_heldout=args.front_heldout)
     print(summary["text"])
-    print(f"\nreport written to {Path(args.run_dir).expanduser().resolve() / REPORT_DIR}")
+    print(f"comparison written to {summary['out']}")
     return 0
