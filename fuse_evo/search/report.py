@@ -254,9 +254,9 @@ def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = 
                 plots.coefficients_plot(labels, series, title, out / "coefficients.png")
                 plots.coefficient_heatmaps(labels, [(f"trial {best.number}", series)], title, out / "heatmap.png")
                 figures += [("Best recipe's coefficients", "coefficients.png"), ("As a heatmap", "heatmap.png")]
-            if len(names) > 1:
-                summary["pareto"], pareto_text = _pareto_section(archive, trials, out, live, front_heldout,
-                                                                 num_layers, plots)
+            if len(names) > 1:  # a weighted-sum run's front is shown too; held-out only when it was the goal
+                k = front_heldout if info.get("multi_objective") else 0
+                summary["pareto"], pareto_text = _pareto_section(archive, trials, out, live, k, num_layers, plots)
             if live is not None:
                 live.load(best.to_recipe())
                 h = live.heldout()
@@ -322,7 +322,7 @@ def main(argv: list[str]) -> int:
                         help="skip held-out scoring (no models are loaded)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the run's device)")
     parser.add_argument("--front-heldout", type=int, default=8, metavar="K",
-                        help="runs of several objectives: score K front members, spread over it, on the "
+                        help="multi-objective runs: score K front members, spread over it, on the "
                         "held-out split (default 8; 0: none)")
     parser.add_argument("--baseline", action="append", default=[], metavar="RUN_DIR",
                         help="one run: another search over the same models and objectives (e.g. experiment="
