@@ -103,6 +103,29 @@ def test_multi_objective(space, backend, optimizer):
             strategy.tell(strategy.ask(), [1.0])
 
 
+@pytest.mark.parametrize("backend, optimizer", [("nevergrad", "DE"), ("optuna", "nsga2"), ("optuna", "tpe")])
+def test_multi_objective_state_round_trip(space, backend, optimizer):
+    """A multi-objective strategy (Nevergrad's with its reference point) continues
+    identically from its state."""
+    def losses(genome):
+        return [loss(genome), float(genome.sum())]
+
+    cfg = config(backend, optimizer, num_objectives=2)
+    with make_strategy(cfg, space, reference=[10.0, 10.0]) as a, \
+            make_strategy(cfg, space, reference=[10.0, 10.0]) as b:
+        for _ in range(7):
+            c = a.ask()
+            a.tell(c, losses(c.genome))
+        b.load_state_dict(pickle.loads(pickle.dumps(a.state_dict())))
+        for _ in range(6):
+            ca, cb = a.ask(), b.ask()
+            np.testing.assert_array_equal(ca.genome, cb.genome)
+            a.tell(ca, losses(ca.genome))
+            b.tell(cb, losses(cb.genome))
+        if backend == "nevergrad":
+            assert np.allclose(b.optimizer._hypervolume_pareto._upper_bounds, [10.0, 10.0])
+
+
 def test_optuna_database_storage_resumes(space, tmp_path):
     """With an RDB storage the trials live in the database and the state names the study."""
     cfg = config("optuna", "tpe", storage=f"sqlite:///{tmp_path / 'a.db'}", study_name="search")
