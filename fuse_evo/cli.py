@@ -47,6 +47,40 @@ def compose(config_name: str, overrides: list[str]):
     return OmegaConf.to_object(cfg)
 
 
+def job_dir_name(overrides: list[str]) -> str:
+    """A sweep job's run directory name, made from its command-line overrides, not the clock:
+    the same job resubmitted (after a preemption, or a whole multirun launched again) lands in
+    the same directory and resumes there. Keys that may change between a run and its resume
+    (``run.budget``, ``cluster``, ...), ``run.dir`` and Hydra's own are left out. A character
+    that is awkward in a path or a database URL (``/``, ``%``, spaces, ...) becomes ``_``, and
+    then, as a name cut to 120 characters, the name ends with a hash of the overrides kept."""
+    import hashlib
+    import re
+
+    from .search.run import RESUME_SAFE
+
+    kept = []
+    for item in sorted(overrides):
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key == "run.dir" or key.startswith("hydra") or any(key == k or key.startswith(f"{k}.") for k in RESUME_SAFE):
+            continue
+        kept.append(item)
+    raw = ",".join(kept)
+    name = re.sub(r"[^A-Za-z0-9=,._+:@\[\]{}-]", "_", raw) or "default"
+    if name != raw or len(name) > 120:
+        name = f"{name[:100]}-{hashlib.sha1(raw.encode()).hexdigest()[:10]}"
+    return name
+
+
+def _hydra_job_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return job_dir_name(list(HydraConfig.get().overrides.task))
+
+
+OmegaConf.register_new_resolver("fuse_evo_job_dir", _hydra_job_dir, replace=True)
+
+
 def _zoo(cfg: DictConfig) -> None:
     from .zoo.build import build_zoo, score_table
 
@@ -57,9 +91,20 @@ def _zoo(cfg: DictConfig) -> None:
 
 
 def _search(cfg: DictConfig) -> None:
+    from dataclasses import replace
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from .search.run import run_search, summary
 
-    print(summary(run_search(OmegaConf.to_object(cfg))))
+    command = OmegaConf.to_object(cfg)
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN and not any(
+            o.split("=", 1)[0].lstrip("+") == "run.dir" for o in hydra_cfg.overrides.task):
+        # a sweep job: its own run dir, named by its overrides (hydra.sweep.dir/<overrides>)
+        command = replace(command, run=replace(command.run, dir=hydra_cfg.runtime.output_dir))
+    print(summary(run_search(command)))
 
 
 COMMANDS: dict[str, tuple[str, Callable[[DictConfig], None], str]] = {
