@@ -30,3 +30,47 @@ def micro_zoo(tmp_path_factory) -> dict:
 
     out = tmp_path_factory.mktemp("zoo") / "micro"
     return build_zoo(micro_zoo_config(out), progress=False)
+
+
+def _postgres_bin(name: str) -> str | None:
+    import glob
+    import shutil
+
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return versions[-1] if versions else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server (Debian's package; `.ci/run` installs it) started for the
+    session on a free loopback port, its data in a temporary folder; yields its SQLAlchemy
+    URL. As root, the server runs as the `postgres` user (it refuses root)."""
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="fuse-evo-pg-"))  # pytest's tmp folders are private to their user
+    data = root / "data"
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "fuse", "--auth=trust", "-E", "UTF8"], check=True,
+                   capture_output=True)
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(root / "server.log"), "-w", "-o",
+                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://fuse@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -150,6 +151,36 @@ def _add_missing_columns(engine: sa.Engine) -> None:
                                   + (f" NOT NULL DEFAULT {default}" if default is not None else "")))
 
 
+_SCHEMA_LOCK = 0x66655F65766F  # "fe_evo": the PostgreSQL advisory lock taken while tables are created
+
+
+@contextmanager
+def schema_lock(engine: sa.Engine) -> Iterator[None]:
+    """Serialize table creation between processes sharing one database: on PostgreSQL, where
+    concurrent ``CREATE TABLE IF NOT EXISTS`` race (a unique violation in ``pg_type``), an
+    advisory lock held for the block; elsewhere nothing (SQLite: see ``_create_tables``)."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as c:
+        c.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _SCHEMA_LOCK})
+        try:
+            yield
+        finally:
+            c.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _SCHEMA_LOCK})
+            c.commit()
+
+
+def _create_tables(engine: sa.Engine) -> None:
+    """Create the tables; a writer that lost a race to create them finds them there."""
+    try:
+        _meta.create_all(engine)
+    except sa.exc.OperationalError:
+        tables = sa.inspect(engine).get_table_names()
+        if not {"fe_runs", "fe_trials"} <= set(tables):
+            raise
+
+
 def default_url(run_dir: str | Path) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / DB_FILE}"
 
@@ -182,11 +213,12 @@ class Archive:
         self.run_id = run_id
         self.engine = _engine(url)
         try:
-            if create:
-                _meta.create_all(self.engine)
-            elif not sa.inspect(self.engine).has_table("fe_trials"):
-                raise ArchiveError(f"{_safe_url(url)} holds no search archive")
-            _add_missing_columns(self.engine)
+            with schema_lock(self.engine):
+                if create:
+                    _create_tables(self.engine)
+                elif not sa.inspect(self.engine).has_table("fe_trials"):
+                    raise ArchiveError(f"{_safe_url(url)} holds no search archive")
+                _add_missing_columns(self.engine)
         except sa.exc.SQLAlchemyError as e:
             raise ArchiveError(f"the archive database {_safe_url(url)} cannot be opened: {e.__class__.__name__}: "
                                f"{str(e).splitlines()[0]}") from None

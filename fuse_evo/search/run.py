@@ -44,7 +44,7 @@ from omegaconf import OmegaConf
 
 from ..errors import ConfigError, FuseEvoError
 from ..recipe import Recipe
-from .archive import CONFIG_FILE, DB_FILE, Archive, Trial, default_url
+from .archive import CONFIG_FILE, DB_FILE, Archive, Trial, default_url, schema_lock
 from .pareto import Front
 from .config import ModelsConfig, SearchCommand
 from .scheduler import Job, Result, Scheduler, WorkerSpec, check_cluster, make_scheduler
@@ -425,7 +425,8 @@ class Search:
         self.mirror = None
         if cmd.run.dashboard:
             directions = [(o.name, o.direction) for o in self.objectives] if self.strategy.multi_objective else None
-            self.mirror = StudyMirror(url, f"{cmd.name}-{self.run_id}", self.space, directions)
+            with schema_lock(self.archive.engine):  # Optuna's tables: one creator at a time on a shared database
+                self.mirror = StudyMirror(url, f"{cmd.name}-{self.run_id}", self.space, directions)
             added = self.mirror.sync(self.archive.trials())
             if added:
                 log.info("dashboard study caught up with %d archived evaluations", added)
