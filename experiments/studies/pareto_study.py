@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("experiments/studies/pareto"))
     args = parser.parse_args()
     grid_dir = args.runs / "uniform_grid"
-    evolved_dirs = sorted(args.runs.glob("nsga2_s*"))
+    evolved_dirs = sorted(args.runs.glob("nsga2_s*")) + sorted(args.runs.glob("motpe_s*"))
 
     fronts, info = {}, None
     with Archive.open(grid_dir) as grid:
@@ -45,7 +45,8 @@ def main() -> None:
         fronts["uniform per-model weights (18 x 18 grid)"] = (grid_dir, grid.pareto_front(), len(done))
     for d in evolved_dirs:
         with Archive.open(d) as a:
-            fronts[f"NSGA-II per-layer, seed {a.info['seed']}"] = (d, a.pareto_front(), a.count("complete"))
+            label = {"optuna/nsga2": "NSGA-II", "optuna/tpe": "MOTPE"}.get(a.info["strategy"], a.info["strategy"])
+            fronts[f"{label} per-layer, seed {a.info['seed']}"] = (d, a.pareto_front(), a.count("complete"))
     ref = pareto.to_losses(reference, directions)
 
     rows, heldout_points = [], {}
@@ -76,7 +77,6 @@ def main() -> None:
                       title="Fronts on the search split")
     plots.fronts_plot(names, heldout_points, args.out / "fronts_heldout.png", ref_xy,
                       title="The same members on the held-out split")
-    evolved = [r for r in rows if r["front"].startswith("NSGA-II")]
     lines = ["# Study 2: the evolved front vs uniform interpolation", "",
              f"Objectives: {', '.join(names)} accuracy (search split: 200 documents per skill; held-out: 500). "
              f"Hypervolume against the reference point ({', '.join(f'{n} {reference[n]:g} ({source[n]})' for n in names)}); "
@@ -86,12 +86,14 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['front']} | {r['evaluations']} | {r['members']} | {r['search_hypervolume']:.4f} | "
                      f"{r['heldout_hypervolume']:.4f} |")
-    if evolved:
-        s = [r["search_hypervolume"] for r in evolved]
-        h = [r["heldout_hypervolume"] for r in evolved]
-        sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
-        lines.append(f"| **NSGA-II, mean ± sd over {len(evolved)} seeds** | {evolved[0]['evaluations']} | | "
-                     f"**{statistics.fmean(s):.4f} ± {sd(s):.4f}** | **{statistics.fmean(h):.4f} ± {sd(h):.4f}** |")
+    sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+    for strategy in ("NSGA-II", "MOTPE"):
+        evolved = [r for r in rows if r["front"].startswith(f"{strategy} ")]
+        if evolved:
+            s_ = [r["search_hypervolume"] for r in evolved]
+            h_ = [r["heldout_hypervolume"] for r in evolved]
+            lines.append(f"| **{strategy}, mean ± sd over {len(evolved)} seeds** | {evolved[0]['evaluations']} | | "
+                         f"**{statistics.fmean(s_):.4f} ± {sd(s_):.4f}** | **{statistics.fmean(h_):.4f} ± {sd(h_):.4f}** |")
     lines += ["", "Source models on the held-out split: "
               + "; ".join(f"{m}: " + ", ".join(f"{n} {v[n]:.3f}" for n in names) for m, v in sources.items()) + ".",
               "", "![fronts on the search split](fronts_search.png)", "",

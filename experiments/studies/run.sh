@@ -30,6 +30,7 @@ case "${1:?baselines, strategies or pareto}" in
     search experiment=pareto_uniform run.dir=$OUT/pareto/uniform_grid  # seed-free: every grid point
     for s in $SEEDS; do
       search experiment=pareto_quickstart seed=$s run.dir=$OUT/pareto/nsga2_s$s
+      search experiment=pareto_quickstart strategy=motpe seed=$s run.dir=$OUT/pareto/motpe_s$s
     done ;;
   *) echo "unknown study $1" >&2; exit 2 ;;
 esac
