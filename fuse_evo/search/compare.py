@@ -95,7 +95,7 @@ def compare_runs(paths: Sequence[str | Path], out: str | Path | None = None, hel
                  device: str | None = None, front_heldout: int = 0) -> dict[str, Any]:
     """Compare the runs under ``paths``; returns what ``compare.json`` holds plus ``text``."""
     from . import plots
-    from .export import LiveMerge
+    from .export import LiveMerge, heldout_spread
     from .plots import best_so_far
 
     runs = find_runs(paths)
@@ -162,11 +162,7 @@ def compare_runs(paths: Sequence[str | Path], out: str | Path | None = None, hel
                 live.load(archive.trial(r["best_trial"]).to_recipe())
                 r["heldout"] = live.heldout()
                 if reference is not None and front_heldout and r["front"]:
-                    losses = [pareto.to_losses(t.objectives, directions) for t in r["front"]]
-                    held = []
-                    for i in pareto.spread(losses, front_heldout):
-                        live.load(r["front"][i].to_recipe())
-                        held.append(live.heldout()["objectives"])
+                    held = [h for _, h in heldout_spread(live, r["front"], directions, front_heldout)]
                     r["heldout_front"] = held
                     r["heldout_hypervolume"] = pareto.hypervolume(
                         [pareto.to_losses(h, directions) for h in held if set(names) <= set(h)],

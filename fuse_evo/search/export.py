@@ -213,6 +213,20 @@ class LiveMerge:
         return {"metrics": metrics, "objectives": objectives, "scalar": scalar_of(self.info, objectives)}
 
 
+def heldout_spread(live: LiveMerge, front: list[Trial], directions: dict[str, str], k: int
+                   ) -> list[tuple[Trial, dict[str, float]]]:
+    """``k`` members spread over a front (``pareto.spread``), each scored on the held-out
+    split: ``[(trial, held-out objectives)]``."""
+    if not front or k < 1:
+        return []
+    losses = [pareto.to_losses(t.objectives, directions) for t in front]
+    scored = []
+    for i in pareto.spread(losses, k):
+        live.load(front[i].to_recipe())
+        scored.append((front[i], live.heldout()["objectives"]))
+    return scored
+
+
 # ---------------------------------------------------------------------------- export
 def _model_card(recipe: Recipe, sources: dict[str, str], scores: dict[str, Any], provenance: dict[str, Any]) -> str:
     from ..export import _model_card as base_card

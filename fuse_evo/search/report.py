@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import FuseEvoError
 from . import pareto
 from .archive import Archive, Trial
-from .export import LiveMerge, heldout_plan
+from .export import LiveMerge, heldout_plan, heldout_spread
 
 REPORT_DIR = "report"
 
@@ -160,16 +160,12 @@ def _pareto_section(archive: Archive, trials: list[Trial], out: Path, live: Live
     section: dict[str, Any] = {"front_size": len(front), "reference_point": reference, "reference_source": source,
                                "hypervolume": history[-1] if history else None,
                                "members": [{"trial": t.number, "search": t.objectives} for t in front]}
-    scored: list[tuple[Trial, dict[str, float]]] = []
-    if live is not None and front and front_heldout:
-        losses = [pareto.to_losses(t.objectives, directions) for t in front]
-        for i in pareto.spread(losses, front_heldout):
-            live.load(front[i].to_recipe())
-            scored.append((front[i], live.heldout()["objectives"]))
+    scored = heldout_spread(live, front, directions, front_heldout) if live is not None else []
+    if scored:
         by_trial = {t.number: h for t, h in scored}
         for m in section["members"]:
             m["heldout"] = by_trial.get(m["trial"])
-        if reference and all(set(names) <= set(h) for _, h in scored):
+        if len(reference) == len(names) and all(set(names) <= set(h) for _, h in scored):
             section["heldout_hypervolume"] = pareto.hypervolume(
                 [pareto.to_losses(h, directions) for _, h in scored], pareto.to_losses(reference, directions))
     done = [t for t in trials if t.status == "complete" and t.ok and set(names) <= set(t.objectives)]
