@@ -51,17 +51,23 @@ def _check_archive(run: Path, budget: int) -> None:
 
 
 def test_local_sweep_and_its_report(micro_zoo, tmp_path, capsys):
+    """experiments/sweep_micro.yaml: its sweeper params (2 strategies x 2 seeds) make 4 jobs."""
     from fuse_evo.cli import main
 
     zoo, sweep = Path(micro_zoo["task_dir"]).parent, tmp_path / "sweep"
-    done = subprocess.run(_sweep_command(zoo, sweep, 4, "0,1,2"), env=ENV, capture_output=True, text=True,
-                          timeout=600)
+    cmd = [sys.executable, "-m", "fuse_evo.cli", "search", "-m", "experiment=sweep_micro", f"models.zoo.out_dir={zoo}",
+           "run.budget=4", "run.dashboard=false", f"hydra.sweep.dir={sweep}"]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for seed in range(3):
-        _check_archive(_job_dir(sweep, zoo, seed), 4)
+    for strategy in ("cma", "random"):
+        for seed in (0, 1):
+            run = sweep / job_dir_name(["experiment=sweep_micro", f"models.zoo.out_dir={zoo}", f"seed={seed}",
+                                        f"strategy={strategy}"])
+            _check_archive(run, 4)
     assert main(["report", str(sweep), "--no-heldout"]) == 0
     summary = json.loads((sweep / "report" / "compare.json").read_text())
-    assert sorted(r["seed"] for r in summary["runs"]) == [0, 1, 2]
+    assert sorted(r["seed"] for r in summary["runs"]) == [0, 0, 1, 1]
+    assert sorted(g["runs"] for g in summary["groups"]) == [2, 2]  # a group per strategy, over its seeds
     assert summary["best"]["run"] in {r["run"] for r in summary["runs"]}
     assert f"--pick trial:{summary['best']['trial']}" in capsys.readouterr().out
 
