@@ -52,8 +52,8 @@ def job_dir_name(overrides: list[str]) -> str:
     the same job resubmitted (after a preemption, or a whole multirun launched again) lands in
     the same directory and resumes there. Keys that may change between a run and its resume
     (``run.budget``, ``cluster``, ...), ``run.dir`` and Hydra's own are left out. A character
-    that is awkward in a path or a database URL (``/``, ``%``, spaces, ...) becomes ``_``, and
-    then, as a name cut to 120 characters, the name ends with a hash of the overrides kept."""
+    that is awkward in a path or a database URL (``/``, ``%``, spaces, ...) becomes ``_``; such
+    a name, or one cut to 120 characters, ends with a hash of the overrides kept."""
     import hashlib
     import re
 

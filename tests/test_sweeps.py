@@ -111,3 +111,38 @@ def test_submitit_local_launcher(micro_zoo, tmp_path):
     assert (sweep / ".submitit").is_dir()
     for seed in range(2):
         _check_archive(_job_dir(sweep, zoo, seed), 3)
+
+
+def test_sweep_jobs_on_an_existing_ray_cluster(micro_zoo, tmp_path):
+    """The documented Ray path: sweep jobs as local processes (hydra/launcher=local), each
+    search's workers Ray actors on a cluster started beforehand (here a one-node head),
+    joined with cluster.address=auto (the head's address file and auth token are found
+    that way; a bare IP:PORT needs the token too)."""
+    import socket
+
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    ray = str(Path(sys.executable).with_name("ray"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                              "--disable-usage-stats"], env=ENV, capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        zoo, sweep = Path(micro_zoo["task_dir"]).parent, tmp_path / "sweep"
+        done = subprocess.run(_sweep_command(zoo, sweep, 4, "0,1", "hydra/launcher=local", "cluster=ray",
+                                             "cluster.address=auto", "cluster.num_workers=1"),
+                              env=ENV, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        for seed in range(2):
+            run = sweep / job_dir_name(["experiment=micro", f"models.zoo.out_dir={zoo}", f"seed={seed}", "run.budget=4",
+                                        "cluster=ray", "cluster.address=auto", "cluster.num_workers=1"])
+            assert run == _job_dir(sweep, zoo, seed)  # cluster keys do not name the run
+            _check_archive(run, 4)
+            log = (run / "search.log").read_text()
+            assert "the Ray cluster at auto: 1 workers" in log
+            with Archive.open(run) as archive:  # scored by an actor process, not by the job's own
+                workers = {t.worker for t in archive.trials("complete")}
+            assert workers and all(w.split(":")[1].isdigit() for w in workers)
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=ENV, capture_output=True, timeout=120)
