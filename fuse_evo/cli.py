@@ -61,7 +61,7 @@ def job_dir_name(overrides: list[str]) -> str:
 
     kept = []
     for item in sorted(overrides):
-        key = item.split("=", 1)[0].lstrip("+~")
+        key = _override_key(item)
         if key == "run.dir" or key.startswith("hydra") or any(key == k or key.startswith(f"{k}.") for k in RESUME_SAFE):
             continue
         kept.append(item)
@@ -70,6 +70,11 @@ def job_dir_name(overrides: list[str]) -> str:
     if name != raw or len(name) > 120:
         name = f"{name[:100]}-{hashlib.sha1(raw.encode()).hexdigest()[:10]}"
     return name
+
+
+def _override_key(override: str) -> str:
+    """``++a.b=1`` -> ``a.b``."""
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def _hydra_job_dir() -> str:
@@ -100,8 +105,7 @@ def _search(cfg: DictConfig) -> None:
 
     command = OmegaConf.to_object(cfg)
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN and not any(
-            o.split("=", 1)[0].lstrip("+") == "run.dir" for o in hydra_cfg.overrides.task):
+    if hydra_cfg.mode == RunMode.MULTIRUN and "run.dir" not in map(_override_key, hydra_cfg.overrides.task):
         # a sweep job: its own run dir, named by its overrides (hydra.sweep.dir/<overrides>)
         command = replace(command, run=replace(command.run, dir=hydra_cfg.runtime.output_dir))
     print(summary(run_search(command)))

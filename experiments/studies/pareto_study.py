@@ -34,9 +34,9 @@ def main() -> None:
     grid_dir = args.runs / "uniform_grid"
     evolved_dirs = sorted(args.runs.glob("nsga2_s*")) + sorted(args.runs.glob("motpe_s*"))
 
-    fronts, info = {}, None
+    fronts = {}
     with Archive.open(grid_dir) as grid:
-        info, directions = grid.info, grid.directions()
+        directions = grid.directions()
         names = list(directions)
         reference, source = grid.reference_point()
         done = [t for t in grid.trials("complete")]
@@ -52,18 +52,18 @@ def main() -> None:
     rows, heldout_points = [], {}
     with Archive.open(grid_dir) as grid:
         live = LiveMerge(grid)
-        for label, (run, front, n) in fronts.items():
+        for label, (run, front, evaluations) in fronts.items():
             with Archive.open(run) as a:
                 held = []
                 for t in front:
                     live.load(a.trial(t.number).to_recipe())
                     held.append(live.heldout()["objectives"])
-            heldout_points[label] = [[h[n_] for n_ in names] for h in held]
+            heldout_points[label] = [[h[name] for name in names] for h in held]
             rows.append({
-                "front": label, "run": str(run), "evaluations": n, "members": len(front),
+                "front": label, "run": str(run), "evaluations": evaluations, "members": len(front),
                 "search_hypervolume": pareto.hypervolume([pareto.to_losses(t.objectives, directions) for t in front], ref),
                 "heldout_hypervolume": pareto.hypervolume([pareto.to_losses(h, directions) for h in held], ref),
-                "search_points": [[t.objectives[n_] for n_ in names] for t in front],
+                "search_points": [[t.objectives[name] for name in names] for t in front],
                 "heldout_points": heldout_points[label], "trials": [t.number for t in front],
             })
         sources = {}

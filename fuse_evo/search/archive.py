@@ -364,15 +364,12 @@ class Archive:
         """``{objective name: "max" | "min"}`` in the run's objective order."""
         return {o["name"]: o["direction"] for o in self.info["objectives"]}
 
-    def _scored(self) -> list[Trial]:
-        names = set(self.directions())
-        return [t for t in self.trials("complete") if names <= set(t.objectives)]
-
     def pareto_front(self) -> list[Trial]:
         """Completed trials that no other completed trial dominates on the objectives (each
         in its own direction), in trial order. Failed trials never count; a recipe evaluated
         again (a duplicate) counts once; different recipes with equal values all stay."""
-        done, directions = self._scored(), self.directions()
+        directions = self.directions()
+        done = scored(self.trials("complete"), directions)
         return [done[i] for i in pareto.front_indices([pareto.to_losses(t.objectives, directions) for t in done])]
 
     def reference_point(self) -> tuple[dict[str, float], dict[str, str]]:
@@ -381,7 +378,7 @@ class Archive:
         maximized metric) or ``worst seen`` (the worst completed value; None-free only once
         a trial completed)."""
         point, source = {}, {}
-        done = self._scored()
+        done = scored(self.trials("complete"), self.directions())
         for o in self.info["objectives"]:
             stated = o.get("reference")
             value = default_reference(stated, o.get("metric") is not None, o["direction"])
@@ -403,9 +400,19 @@ class Archive:
             raise ArchiveError(f"hypervolume: the reference point covers {sorted(reference)}, the run's objectives "
                                f"are {list(directions)}")
         ref = pareto.to_losses(reference, directions)
-        points = [pareto.to_losses(t.objectives, directions) if t.status == "complete" and t.ok
-                  and set(directions) <= set(t.objectives) else None for t in self.trials()]
-        return pareto.hypervolume_history(points, ref)
+        return pareto.hypervolume_history(loss_points(self.trials(), directions), ref)
+
+
+def scored(trials: Sequence[Trial], directions: Mapping[str, str]) -> list[Trial]:
+    """The completed trials with a value for every objective (what a front is made of)."""
+    return [t for t in trials if t.status == "complete" and t.ok and set(directions) <= set(t.objectives)]
+
+
+def loss_points(trials: Sequence[Trial], directions: Mapping[str, str]) -> list[list[float] | None]:
+    """Each trial's objectives as losses (``pareto.to_losses``), None where it was not
+    scored (failed, a duplicate): the input of ``pareto.hypervolume_history``."""
+    keep = {id(t) for t in scored(trials, directions)}
+    return [pareto.to_losses(t.objectives, directions) if id(t) in keep else None for t in trials]
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from ..errors import FuseEvoError
 from . import pareto
-from .archive import CONFIG_FILE, Archive, Trial
+from .archive import CONFIG_FILE, Archive, Trial, loss_points
 
 THRESHOLD = 0.95
 
@@ -139,10 +139,8 @@ def compare_runs(paths: Sequence[str | Path], out: str | Path | None = None, hel
     if reference is not None:
         ref = pareto.to_losses(reference, directions)
         for r in rows:
-            points = [pareto.to_losses(t.objectives, directions) if t.status == "complete" and t.ok
-                      and set(names) <= set(t.objectives) else None for t in histories[r["run"]]]
-            r["hypervolume_history"] = pareto.hypervolume_history(points, ref)
-            r["hypervolume"] = r["hypervolume_history"][-1] if points else 0.0
+            r["hypervolume_history"] = pareto.hypervolume_history(loss_points(histories[r["run"]], directions), ref)
+            r["hypervolume"] = r["hypervolume_history"][-1] if r["hypervolume_history"] else 0.0
             r["front_size"] = len(r["front"])
 
     sources_rows: list[dict[str, Any]] = []

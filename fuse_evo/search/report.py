@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import FuseEvoError
 from . import pareto
-from .archive import Archive, Trial
+from .archive import Archive, Trial, scored
 from .export import LiveMerge, heldout_plan, heldout_spread
 
 REPORT_DIR = "report"
@@ -168,7 +168,7 @@ def _pareto_section(archive: Archive, trials: list[Trial], out: Path, live: Live
         if len(reference) == len(names) and all(set(names) <= set(h) for _, h in scored):
             section["heldout_hypervolume"] = pareto.hypervolume(
                 [pareto.to_losses(h, directions) for _, h in scored], pareto.to_losses(reference, directions))
-    done = [t for t in trials if t.status == "complete" and t.ok and set(names) <= set(t.objectives)]
+    done = scored(trials, directions)
     figures = []
     if len(names) == 2:
         plots.front_scatter(names, [[t.objectives[n] for n in names] for t in done],
