@@ -160,21 +160,21 @@ def _pareto_section(archive: Archive, trials: list[Trial], out: Path, live: Live
     section: dict[str, Any] = {"front_size": len(front), "reference_point": reference, "reference_source": source,
                                "hypervolume": history[-1] if history else None,
                                "members": [{"trial": t.number, "search": t.objectives} for t in front]}
-    scored = heldout_spread(live, front, directions, front_heldout) if live is not None else []
-    if scored:
-        by_trial = {t.number: h for t, h in scored}
+    held = heldout_spread(live, front, directions, front_heldout) if live is not None else []
+    if held:
+        by_trial = {t.number: h for t, h in held}
         for m in section["members"]:
             m["heldout"] = by_trial.get(m["trial"])
-        if len(reference) == len(names) and all(set(names) <= set(h) for _, h in scored):
+        if len(reference) == len(names) and all(set(names) <= set(h) for _, h in held):
             section["heldout_hypervolume"] = pareto.hypervolume(
-                [pareto.to_losses(h, directions) for _, h in scored], pareto.to_losses(reference, directions))
+                [pareto.to_losses(h, directions) for _, h in held], pareto.to_losses(reference, directions))
     done = scored(trials, directions)
     figures = []
     if len(names) == 2:
         plots.front_scatter(names, [[t.objectives[n] for n in names] for t in done],
                             [[t.objectives[n] for n in names] for t in front],
                             [reference[n] for n in names] if len(reference) == 2 else None, out / "front.png",
-                            heldout=[[h[n] for n in names] for _, h in scored if set(names) <= set(h)],
+                            heldout=[[h[n] for n in names] for _, h in held if set(names) <= set(h)],
                             title=f"Pareto front ({len(front)} of {len(done)} completed)")
     elif front:
         plots.parallel_coordinates(names, [[t.objectives[n] for n in names] for t in front], out / "front.png",
@@ -193,19 +193,19 @@ def _pareto_section(archive: Archive, trials: list[Trial], out: Path, live: Live
     text = ["## Pareto front", "",
             f"{len(front)} non-dominated of {len(done)} completed evaluations; hypervolume "
             + (f"{section['hypervolume']:.4f}" if section["hypervolume"] is not None else "-")
-            + (f" (held-out, the {len(scored)} members below: {section['heldout_hypervolume']:.4f})"
+            + (f" (held-out, the {len(held)} members below: {section['heldout_hypervolume']:.4f})"
                if section.get("heldout_hypervolume") is not None else "")
             + f" against the reference point {ref_text or '(none: no completed trial)'}.", ""]
-    shown = scored or [(t, {}) for t in front[:20]]
+    shown = held or [(t, {}) for t in front[:20]]
     text += ["| trial | " + " | ".join(f"search {n}" for n in names)
-             + (" | " + " | ".join(f"held-out {n}" for n in names) if scored else "") + " |",
-             "| --- |" + " --- |" * (len(names) * (2 if scored else 1))]
+             + (" | " + " | ".join(f"held-out {n}" for n in names) if held else "") + " |",
+             "| --- |" + " --- |" * (len(names) * (2 if held else 1))]
     for t, h in sorted(shown, key=lambda th: pareto.to_losses(th[0].objectives, directions)):
         cells = [f"{t.objectives[n]:.4f}" for n in names] + ([f"{h.get(n, float('nan')):.4f}" for n in names]
-                                                             if scored else [])
+                                                             if held else [])
         text.append(f"| {t.number} | " + " | ".join(cells) + " |")
-    if scored and len(scored) < len(front):
-        text += ["", f"(held-out: {len(scored)} members spread over the front; --front-heldout K for more)"]
+    if held and len(held) < len(front):
+        text += ["", f"(held-out: {len(held)} members spread over the front; --front-heldout K for more)"]
     return section, text + [""] + [f"![{title}]({png})" for title, png in figures] + [""]
 
 
