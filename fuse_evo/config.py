@@ -109,6 +109,17 @@ class EvaluatorConfig:
     objectives: list[ObjectiveConfig] = field(default_factory=list)
 
 
+def check_limits(cfg: EvaluatorConfig, prefix: str = "evaluator") -> None:
+    """``limit``/``limits`` must be > 0 (lm-eval reads 0 as "every document"), checked when
+    the command is planned, before any folder is made or model loaded."""
+    from .errors import ConfigError
+
+    keyed = [(f"{prefix}.limit", cfg.limit)] + [(f"{prefix}.limits.{t}", v) for t, v in cfg.limits.items()]
+    for key, value in keyed:
+        if value is not None and not value > 0:
+            raise ConfigError(f"{key}: must be > 0 (documents per task, or a fraction of them below 1), got {value}")
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="zoo_command_schema", node=ZooCommand)

@@ -3,8 +3,10 @@ recipe dedup, failures archived and told, and the bad inputs refused with a clea
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import re
 import signal
 import sqlite3
 import subprocess
@@ -262,38 +264,6 @@ def test_a_run_dir_of_another_experiment_is_refused(micro_zoo, tmp_path):
         run_search(command(micro_zoo, other, "run.budget=2"))
 
 
-def _tamper(run_dir: Path, pending_genome) -> None:
-    path = run_dir / "strategy.pkl"
-    state = pickle.loads(path.read_bytes())
-    state["strategy"]["pending"].append([99, pending_genome])
-    path.write_bytes(pickle.dumps(state))
-
-
-def test_a_bad_checkpoint_is_refused(micro_zoo, tmp_path):
-    run_dir = tmp_path / "run"
-    run_search(command(micro_zoo, run_dir, "strategy=random", "run.budget=2"))
-    good = (run_dir / "strategy.pkl").read_bytes()
-    dim = len(Archive.open(run_dir).info["genes"])
-    again = command(micro_zoo, run_dir, "strategy=random", "run.budget=3")
-
-    _tamper(run_dir, [5.0] * dim)
-    with pytest.raises(RunDirError, match=r"strategy.pkl: checkpoint: pending candidate 99: genome: gene "
-                                          r"embed/ft_increment/weight = 5.0 is outside \[0.0, 1.0\]"):
-        run_search(again)
-    (run_dir / "strategy.pkl").write_bytes(good)
-    _tamper(run_dir, [0.5] * 3)
-    with pytest.raises(RunDirError, match=rf"pending candidate 99: genome: 3 values, the space has {dim} genes"):
-        run_search(again)
-    (run_dir / "strategy.pkl").write_bytes(b"\x80\x04garbage")
-    with pytest.raises(RunDirError, match="strategy.pkl is corrupted"):
-        run_search(again)
-    (run_dir / "strategy.pkl").unlink()
-    with pytest.raises(RunDirError, match="holds 2 evaluations but strategy.pkl is missing"):
-        run_search(again)
-    (run_dir / "strategy.pkl").write_bytes(good)
-    assert run_search(again).evaluations == 3
-
-
 def test_incompatible_models_fail_before_the_first_evaluation(micro_zoo, tmp_path):
     models = micro_zoo["models"]
     broken = tmp_path / "ft_broken"
@@ -334,12 +304,23 @@ def test_runs_share_a_database_url(micro_zoo, tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
-def test_a_checkpoint_owned_by_another_user_needs_trust(micro_zoo, tmp_path):
+def test_a_cache_owned_by_another_user_is_not_unpickled_without_trust(micro_zoo, tmp_path, caplog):
+    """strategy.pkl of another user is ignored (the archive is replayed) unless
+    run.trust_checkpoint=true; either way the run continues."""
     run_dir = tmp_path / "run"
     run_search(command(micro_zoo, run_dir, "strategy=random", "run.budget=2"))
     os.chown(run_dir / "strategy.pkl", 12345, -1)
-    with pytest.raises(RunDirError, match=r"belongs to another user \(uid 12345\).*run.trust_checkpoint=true"):
-        run_search(command(micro_zoo, run_dir, "strategy=random", "run.budget=3"))
-    assert Archive.open(run_dir).count() == 2  # nothing loaded, nothing run
-    result = run_search(command(micro_zoo, run_dir, "strategy=random", "run.budget=3", "run.trust_checkpoint=true"))
+    with caplog.at_level(logging.INFO, logger="fuse_evo.search"):
+        result = run_search(command(micro_zoo, run_dir, "strategy=random", "run.budget=3"))
     assert result.resumed and result.evaluations == 3
+    assert re.search(r"ignoring strategy.pkl: .*belongs to another user \(uid 12345\).*run.trust_checkpoint=true",
+                     caplog.text)
+    assert "strategy rebuilt from the archive: 2 asks, 2 tells" in caplog.text
+    os.chown(run_dir / "strategy.pkl", 12345, -1)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fuse_evo.search"):
+        result = run_search(command(micro_zoo, run_dir, "strategy=random", "run.budget=4",
+                                    "run.trust_checkpoint=true"))
+    assert result.resumed and result.evaluations == 4
+    assert "a pickle owned by uid 12345 (run.trust_checkpoint=true)" in caplog.text
+    assert "strategy restored from its cache" in caplog.text

@@ -1,7 +1,7 @@
 """Archive: every evaluation of a search in a real database (SQLite in the run directory by
 default, any SQLAlchemy URL, e.g. PostgreSQL, for a shared one).
 
-Two tables, prefixed ``fe_`` so an Optuna study (the dashboard mirror) can share the file:
+Tables, prefixed ``fe_`` so an Optuna study (the dashboard mirror) can share the file:
 
 - ``fe_runs``: one row per run: its id, experiment name, the resolved config (YAML) and what
   readers need without composing it again (``info``: models and their paths, the zoo, the
@@ -12,6 +12,12 @@ Two tables, prefixed ``fe_`` so an Optuna study (the dashboard mirror) can share
   evaluation), genome, recipe (as a dict), recipe key, metrics, objective values, losses, the
   scalar objective (larger is better), the error of a failure, the recipe's seed, the worker,
   start/finish times, timings, and attempts (more than 1: its worker died and it was retried).
+- ``fe_asks``: one row per candidate the strategy proposed, committed before it is dispatched:
+  its id, genome, and how many tells came before it. With ``fe_trials`` (the tells, in
+  ``number`` order) this is the strategy's whole history: resume replays it into a fresh,
+  seeded strategy (the archive is the one truth; ``strategy.pkl`` is only a cache).
+- ``fe_cache``: the SHA-256 of the run's ``strategy.pkl`` cache and the history position it
+  holds; a cache whose checksum is not recorded here is never unpickled.
 
 Read a finished (or running) search with ``Archive.open(run_dir)``; nothing here needs torch.
 """
@@ -71,6 +77,35 @@ _trials = sa.Table(
     sa.UniqueConstraint("run_id", "candidate_id", name="fe_trials_candidate"),
     sa.Index("fe_trials_recipe_key", "run_id", "recipe_key"),
 )
+
+
+_asks = sa.Table(
+    "fe_asks", _meta,
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("fe_runs.id"), primary_key=True),
+    sa.Column("candidate_id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("position", sa.Integer, nullable=False),  # 0, 1, ... in the order asked
+    sa.Column("after_tells", sa.Integer, nullable=False),  # tells (trials) made before this ask
+    sa.Column("genome", sa.Text, nullable=False),
+    sa.Column("asked", sa.Float, nullable=False),
+)
+_cache = sa.Table(
+    "fe_cache", _meta,
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("fe_runs.id"), primary_key=True),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("asks", sa.Integer, nullable=False),
+    sa.Column("tells", sa.Integer, nullable=False),
+    sa.Column("written", sa.Float, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One archived ask: candidate ``candidate_id`` with ``genome``, proposed after
+    ``after_tells`` tells."""
+
+    candidate_id: int
+    genome: list[float]
+    after_tells: int
 
 
 class ArchiveError(FuseEvoError):
@@ -177,7 +212,7 @@ def _create_tables(engine: sa.Engine) -> None:
         _meta.create_all(engine)
     except sa.exc.OperationalError:
         tables = sa.inspect(engine).get_table_names()
-        if not {"fe_runs", "fe_trials"} <= set(tables):
+        if not {t.name for t in _meta.sorted_tables} <= set(tables):
             raise
 
 
@@ -220,8 +255,17 @@ class Archive:
                     raise ArchiveError(f"{_safe_url(url)} holds no search archive")
                 _add_missing_columns(self.engine)
         except sa.exc.SQLAlchemyError as e:
-            raise ArchiveError(f"the archive database {_safe_url(url)} cannot be opened: {e.__class__.__name__}: "
-                               f"{str(e).splitlines()[0]}") from None
+            raise _db_error(url, e, "cannot be opened") from None
+
+    @contextmanager
+    def _connect(self, write: bool = False) -> Iterator[sa.Connection]:
+        """A connection (a transaction when ``write``); a damaged database becomes one
+        ArchiveError that says how to recover it, not a driver traceback."""
+        try:
+            with (self.engine.begin() if write else self.engine.connect()) as c:
+                yield c
+        except sa.exc.DatabaseError as e:
+            raise _db_error(self.url, e, "cannot be read") from None
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -248,13 +292,13 @@ class Archive:
 
     # ------------------------------------------------------------------ the run
     def run_row(self) -> dict[str, Any] | None:
-        with self.engine.connect() as c:
+        with self._connect() as c:
             row = c.execute(sa.select(_runs).where(_runs.c.id == self.run_id)).first()
         return None if row is None else dict(row._mapping)
 
     def start_run(self, name: str, config_yaml: str, info: dict[str, Any]) -> None:
         """Register the run (first start), or refresh its config and info (a resume)."""
-        with self.engine.begin() as c:
+        with self._connect(write=True) as c:
             exists = c.execute(sa.select(_runs.c.id).where(_runs.c.id == self.run_id)).first()
             values = {"name": name, "config": config_yaml, "info": _dumps(info)}
             if exists:
@@ -264,8 +308,9 @@ class Archive:
 
     def delete_run(self) -> None:
         """Remove this run's rows (``run.overwrite`` on a shared database)."""
-        with self.engine.begin() as c:
-            c.execute(_trials.delete().where(_trials.c.run_id == self.run_id))
+        with self._connect(write=True) as c:
+            for table in (_trials, _asks, _cache):
+                c.execute(table.delete().where(table.c.run_id == self.run_id))
             c.execute(_runs.delete().where(_runs.c.id == self.run_id))
 
     @property
@@ -293,7 +338,7 @@ class Archive:
         """Append one evaluation in one transaction; its ``number`` is assigned here."""
         if trial.status not in STATUSES:
             raise ValueError(f"trial status {trial.status!r}: not one of {STATUSES}")
-        with self.engine.begin() as c:
+        with self._connect(write=True) as c:
             number = c.execute(
                 sa.select(sa.func.coalesce(sa.func.max(_trials.c.number) + 1, 0)).where(_trials.c.run_id == self.run_id)
             ).scalar_one()
@@ -310,10 +355,43 @@ class Archive:
             ))
         return trial
 
+    def record_ask(self, candidate_id: int, genome: Sequence[float], after_tells: int) -> None:
+        """Archive one ask (before its candidate is dispatched), so a resume can replay it."""
+        with self._connect(write=True) as c:
+            position = c.execute(
+                sa.select(sa.func.count()).select_from(_asks).where(_asks.c.run_id == self.run_id)).scalar_one()
+            c.execute(_asks.insert().values(run_id=self.run_id, candidate_id=int(candidate_id), position=int(position),
+                                            after_tells=int(after_tells), genome=_dumps([float(x) for x in genome]),
+                                            asked=time.time()))
+
+    def asks(self) -> list[Ask]:
+        """Every archived ask, in the order asked."""
+        query = sa.select(_asks).where(_asks.c.run_id == self.run_id).order_by(_asks.c.position)
+        with self._connect() as c:
+            return [Ask(r.candidate_id, json.loads(r.genome), r.after_tells) for r in c.execute(query)]
+
+    def count_asks(self) -> int:
+        query = sa.select(sa.func.count()).select_from(_asks).where(_asks.c.run_id == self.run_id)
+        with self._connect() as c:
+            return int(c.execute(query).scalar_one())
+
+    def set_cache(self, sha256: str, asks: int, tells: int) -> None:
+        """Record the checksum of the strategy cache just written and the history it holds."""
+        with self._connect(write=True) as c:
+            c.execute(_cache.delete().where(_cache.c.run_id == self.run_id))
+            c.execute(_cache.insert().values(run_id=self.run_id, sha256=sha256, asks=int(asks), tells=int(tells),
+                                             written=time.time()))
+
+    def cache(self) -> tuple[str, int, int] | None:
+        """(sha256, asks, tells) of the last strategy cache recorded, or None."""
+        with self._connect() as c:
+            row = c.execute(sa.select(_cache).where(_cache.c.run_id == self.run_id)).first()
+        return None if row is None else (row.sha256, row.asks, row.tells)
+
     # ------------------------------------------------------------------ reading
     def _select(self, *where: Any) -> list[Trial]:
         query = sa.select(_trials).where(_trials.c.run_id == self.run_id, *where).order_by(_trials.c.number)
-        with self.engine.connect() as c:
+        with self._connect() as c:
             return [_row_to_trial(r) for r in c.execute(query)]
 
     def trials(self, status: str | Sequence[str] | None = None) -> list[Trial]:
@@ -333,7 +411,7 @@ class Archive:
         query = sa.select(sa.func.count()).select_from(_trials).where(_trials.c.run_id == self.run_id)
         if status is not None:
             query = query.where(_trials.c.status == status)
-        with self.engine.connect() as c:
+        with self._connect() as c:
             return int(c.execute(query).scalar_one())
 
     def trial(self, number: int) -> Trial:
@@ -427,6 +505,19 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ArchiveError(f"{path}: expected a mapping")
     return data
+
+
+def _db_error(url: str, e: Exception, what: str) -> ArchiveError:
+    """The error for a database that fails: for a damaged SQLite file, how to save its rows."""
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    message = f"the archive database {_safe_url(url)} {what}: {type(e).__name__}: {first}"
+    damaged = ("malformed", "not a database", "disk image", "file is encrypted")
+    if url.startswith("sqlite") and any(d in str(e) for d in damaged):
+        path = url.split("///", 1)[-1]
+        message += (f". The file is damaged; its rows can usually be saved with sqlite3: `sqlite3 {path} .recover "
+                    f"| sqlite3 {path}.recovered` then move {path}.recovered to {path} and resume (the strategy "
+                    "is rebuilt from the archive); or pass run.overwrite=true to start afresh")
+    return ArchiveError(message)
 
 
 def _safe_url(url: str) -> str:

@@ -8,16 +8,18 @@ The run directory ``run.dir`` holds
 - ``config.yaml``: the resolved config (with ``run.id``, the run's id in the database);
 - ``archive.db``: the SQLite archive (``fuse_evo.search.archive``; absent with ``run.db_url``),
   with an Optuna study mirroring it for ``optuna-dashboard`` (``run.dashboard``);
-- ``strategy.pkl``: the strategy's state (``Strategy.state_dict``), replaced atomically after
-  every ask and every tell;
+- ``strategy.pkl``: a cache of the strategy's state (``Strategy.state_dict``), replaced
+  atomically after every ask and every tell, its checksum recorded in the archive; losing it
+  costs nothing but replay time (resume rebuilds the strategy from the archive);
 - ``search.log``: the log, appended to by every start and resume.
 
 Resume: the same command on the same run directory. The stored config must equal the new
-one but for resume-safe keys (``run.budget`` and the like); completed evaluations are read,
-never re-run; candidates that were in flight (asked, not told) are re-dispatched, or, if
-their evaluation reached the archive before the crash, told from it. Every evaluation is
-committed before the strategy is told, and the strategy's state after every ask and tell, so
-no crash loses or repeats one.
+one but for resume-safe keys (``run.budget`` and the like). The archive is the one truth:
+every ask is committed before its candidate is dispatched and every evaluation before the
+strategy is told, and resume replays those asks and tells into a fresh strategy seeded from
+the run's seed (``Strategy.replay``), or loads the cache when the archive vouches for it.
+Completed evaluations are read, never re-run; candidates that were in flight (asked, not
+told) are re-dispatched. No crash loses or repeats one.
 
 The budget counts archive rows: every candidate told (scored, failed, or a repeat of a
 recipe already scored, which costs no evaluation but one ask). A run that reached it says so
@@ -30,6 +32,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import socket
 import sys
 import time
@@ -42,6 +45,8 @@ from typing import Any, Iterator
 import yaml
 from omegaconf import OmegaConf
 
+from ..config import check_limits
+from ..device import check_device
 from ..errors import ConfigError, FuseEvoError
 from ..recipe import Recipe
 from .archive import CONFIG_FILE, DB_FILE, Archive, Trial, default_url, schema_lock
@@ -59,7 +64,7 @@ LOG_FILE = "search.log"
 LOCK_FILE = ".lock"
 OUR_FILES = (CONFIG_FILE, DB_FILE, STRATEGY_FILE, LOG_FILE)
 STAGES_DIR = "stages"  # a hybrid search's first stage runs in RUN_DIR/stages/NAME
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: a cache vouched for by the archive (fe_cache); 1 was the checkpoint
 # keys that may change between a run and its resume without changing what is searched
 RESUME_SAFE = ("run.budget", "strategy.budget", "run.overwrite", "run.progress", "run.id", "run.dir",
                "run.threads", "run.dashboard", "run.trust_checkpoint", "cluster", "strategy.num_workers")
@@ -189,7 +194,7 @@ def _prepare_run_dir(cmd: SearchCommand) -> tuple[Path, str, bool, dict[str, Any
             _clear(run_dir, stored)
             return run_dir, cmd.run.id or uuid.uuid4().hex[:12], False, None
         diffs = config_differences(stored, new)
-        if diffs and not (run_dir / STRATEGY_FILE).exists():
+        if diffs and not _has_history(run_dir, stored):
             # nothing was ever asked (the first start stopped before its first candidate):
             # there is nothing to keep
             log.info("run.dir %s: the earlier start never asked a candidate; starting afresh", run_dir)
@@ -220,6 +225,19 @@ def _prepare_run_dir(cmd: SearchCommand) -> tuple[Path, str, bool, dict[str, Any
         if ours:
             _clear(run_dir, None)
     return run_dir, cmd.run.id or uuid.uuid4().hex[:12], False, None
+
+
+def _has_history(run_dir: Path, stored: dict[str, Any]) -> bool:
+    """Whether the run asked anything yet (True when that cannot be told: never clear a run
+    that may hold work)."""
+    run = stored.get("run") or {}
+    if not run.get("db_url") and not (run_dir / DB_FILE).exists():
+        return (run_dir / STRATEGY_FILE).exists()
+    try:
+        with Archive(run.get("db_url") or default_url(run_dir), run.get("id") or "", create=True) as archive:
+            return bool(archive.count() or archive.count_asks())
+    except FuseEvoError:
+        return True
 
 
 def _clear(run_dir: Path, stored: dict[str, Any] | None) -> None:
@@ -292,37 +310,54 @@ class _LogTo:
         self.handler.close()
 
 
-# ---------------------------------------------------------------------------- checkpoints
-def save_checkpoint(run_dir: Path, run_id: str, strategy: Strategy) -> None:
-    state = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "saved": time.time(), "strategy": strategy.state_dict()}
-    _atomic_write(run_dir / STRATEGY_FILE, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+# ---------------------------------------------------------------------------- the strategy cache
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
-def load_checkpoint(run_dir: Path, run_id: str, strategy: Strategy, trust: bool = False) -> None:
-    """Resume the strategy from ``strategy.pkl``. It is a pickle (optimizer states are not
-    JSON; the strategy's own blobs inside it are pickles too), so loading runs whatever the
-    file says: a file another user owns is refused unless ``trust`` (``run.trust_checkpoint``)."""
+def save_cache(run_dir: Path, run_id: str, strategy: Strategy, archive: Archive) -> None:
+    """Write ``strategy.pkl`` (the strategy's state after ``n_asked`` asks and ``n_told``
+    tells) atomically, then record its checksum in the archive. Raises what pickling raises
+    (a backend whose state cannot be pickled: the run then replays the archive on resume)."""
+    state = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "saved": time.time(), "asks": strategy.n_asked,
+             "tells": strategy.n_told, "strategy": strategy.state_dict()}
+    data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+    _atomic_write(run_dir / STRATEGY_FILE, data)
+    archive.set_cache(_sha256(data), strategy.n_asked, strategy.n_told)
+
+
+def load_cache(run_dir: Path, run_id: str, strategy: Strategy, archive: Archive, trust: bool = False) -> str | None:
+    """Continue ``strategy`` from ``strategy.pkl`` if it is this run's own cache of the
+    archive's whole history: its SHA-256 is the one the archive recorded and it holds as many
+    asks and tells as the archive. Returns None when loaded, else why not (the caller then
+    replays the archive). Nothing is unpickled before the checksum matches; a file another
+    user owns is not used unless ``trust`` (``run.trust_checkpoint``)."""
     path = run_dir / STRATEGY_FILE
+    if not path.exists():
+        return f"no {STRATEGY_FILE}"
     owner = path.stat().st_uid
     if owner != os.getuid() and not trust:
-        raise RunDirError(f"{path} belongs to another user (uid {owner}); it is a pickle, which runs code when "
-                          "loaded. Resume it only if you trust its author: pass run.trust_checkpoint=true")
+        return (f"{path} belongs to another user (uid {owner}); a pickle runs code when loaded "
+                "(run.trust_checkpoint=true uses it)")
+    data = path.read_bytes()
+    recorded = archive.cache()
+    position = (archive.count_asks(), archive.count())
+    if recorded is None or recorded[0] != _sha256(data):
+        return f"{STRATEGY_FILE} is not the cache the archive recorded (checksum differs: damaged, or not this run's)"
+    if tuple(recorded[1:]) != position:
+        return f"{STRATEGY_FILE} holds {recorded[1]} asks and {recorded[2]} tells, the archive {position[0]} and {position[1]}"
     if owner != os.getuid():
-        log.warning("loading %s, a pickle owned by uid %d (run.trust_checkpoint=true)", path, owner)
+        log.warning("using %s, a pickle owned by uid %d (run.trust_checkpoint=true)", path, owner)
     try:
-        state = pickle.loads(path.read_bytes())
-    except Exception as e:
-        raise RunDirError(f"{path} is corrupted ({type(e).__name__}: {e}); pass run.overwrite=true to start afresh") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "strategy" not in state:
-        raise RunDirError(f"{path}: not a fuse-evo strategy checkpoint of format {CHECKPOINT_FORMAT}")
-    if state.get("run_id") != run_id:
-        raise RunDirError(f"{path} belongs to run {state.get('run_id')!r}, this run is {run_id!r}")
-    try:
+        state = pickle.loads(data)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("run_id") != run_id:
+            return f"{STRATEGY_FILE} is not a cache of this run in format {CHECKPOINT_FORMAT}"
         strategy.load_state_dict(state["strategy"])
-    except StrategyError as e:
-        raise RunDirError(f"{path}: {e}") from None
-    except (KeyError, TypeError, ValueError, pickle.UnpicklingError, AttributeError) as e:
-        raise RunDirError(f"{path}: the strategy state is damaged ({type(e).__name__}: {e})") from None
+    except Exception as e:  # the archive rebuilds what the cache cannot give
+        return f"{STRATEGY_FILE} could not be loaded ({type(e).__name__}: {e})"
+    return None
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -332,6 +367,7 @@ class Search:
     def __init__(self, cmd: SearchCommand, scheduler_factory=None):
         self.cmd = cmd
         self._scheduler_factory = scheduler_factory or (lambda spec: make_scheduler(spec, self.cmd.cluster))
+        check_plan(cmd)
         self._stack = ExitStack()
         try:
             self._stack.enter_context(_lock(Path(cmd.run.dir).expanduser().resolve()))
@@ -345,9 +381,6 @@ class Search:
     def _setup(self, stored: dict[str, Any] | None) -> None:
         cmd = self.cmd
         self.budget = int(cmd.run.budget)
-        if self.budget < 1:
-            raise ConfigError(f"run.budget: must be at least 1, got {cmd.run.budget}")
-        check_cluster(cmd.cluster)
         cluster = cmd.cluster
         if cluster.backend == "ray":  # joined or started now: its resources checked before any model loads
             from .ray_scheduler import prepare_cluster, release_cluster
@@ -404,8 +437,9 @@ class Search:
         reference = [o.default_reference for o in self.objectives]
         self.reference = None if None in reference else self.objectives.losses(
             dict(zip(self.objectives.names, reference)))  # losses; None: some value is taken from the run
+        self._strategy_cfg = strategy_cfg
         self.strategy = make_strategy(strategy_cfg, self.space, reference=self.reference)
-        self._stack.callback(self.strategy.close)
+        self._stack.callback(lambda: self.strategy.close())  # the strategy may be rebuilt below
 
         url = cmd.run.db_url or default_url(self.run_dir)
         self.archive = Archive(url, self.run_id, create=True)
@@ -413,14 +447,8 @@ class Search:
         self.archive.start_run(cmd.name, self.config_yaml, self._info())
         _atomic_write(self.run_dir / CONFIG_FILE, self.config_yaml.encode())
 
-        checkpoint = self.run_dir / STRATEGY_FILE
-        n_rows = self.archive.count()
-        if checkpoint.exists():
-            load_checkpoint(self.run_dir, self.run_id, self.strategy, trust=cmd.run.trust_checkpoint)
-        elif n_rows:
-            raise RunDirError(f"run.dir {self.run_dir}: the archive holds {n_rows} evaluations but {STRATEGY_FILE} "
-                              "is missing, so the strategy cannot continue; pass run.overwrite=true to start afresh")
-        self._check_consistent(n_rows)
+        self._cache_off: str | None = None  # why the strategy cannot be cached (then resume replays)
+        self._restore_strategy()
 
         self.mirror = None
         if cmd.run.dashboard:
@@ -497,33 +525,53 @@ class Search:
             "include_path": list(self.worker_spec.evaluator.include_path),
         }
 
-    def _check_consistent(self, n_rows: int) -> None:
-        """The archive and the checkpoint must tell one story; then tell the strategy what
-        the archive holds for candidates still pending in the checkpoint."""
-        pending = {c.id: c for c in self.strategy.pending()}
-        archived_pending = 0
-        for trial in self.archive.trials():
-            if trial.candidate_id in pending:
-                archived_pending += 1
-        # rows of candidates the checkpoint never heard of (an older checkpoint), or told
-        # candidates missing from the archive (another archive), break this count
-        if n_rows != self.strategy.n_told + archived_pending:
-            raise RunDirError(f"run.dir {self.run_dir}: the strategy checkpoint was told {self.strategy.n_told} "
-                              f"evaluations, the archive holds {n_rows - archived_pending} told ones; {STRATEGY_FILE} "
-                              "and the archive do not belong together; pass run.overwrite=true to start afresh")
-        for cid, candidate in sorted(pending.items()):
-            trial = self.archive.by_candidate(cid)
-            if trial is None:
-                continue
-            try:
-                genome = self.space.validate(trial.genome)
-            except SpaceError as e:
-                raise RunDirError(f"archive trial {trial.number}: {e}") from None
-            if not (genome == candidate.genome).all():
-                raise RunDirError(f"archive trial {trial.number} has another genome than candidate {cid} of "
-                                  f"{STRATEGY_FILE}; the archive and the checkpoint do not belong together")
-            self._tell(candidate, trial)
-            log.info("candidate %d was archived before the interruption (trial %d): told, not re-run", cid, trial.number)
+    def _restore_strategy(self) -> None:
+        """Bring the fresh strategy to the archive's history: from the cache when the archive
+        vouches for it, else by replaying every archived ask and tell (a missing, damaged or
+        stale ``strategy.pkl`` costs a line in the log and the replay time, nothing else)."""
+        asks, trials = self.archive.asks(), self.archive.trials()
+        if not asks and not trials:
+            self.strategy.replay([], [])  # an RDB-stored Optuna study starts from the archive too
+            return
+        if trials and not asks:  # an archive of an earlier version: asks rebuilt, one at a time as it ran
+            log.warning("the archive records no asks (written by an earlier fuse_evo); rebuilding them from its "
+                        "%d trials", len(trials))
+            for i, t in enumerate(sorted(trials, key=lambda t: t.candidate_id)):
+                self.archive.record_ask(t.candidate_id, t.genome, i)
+            asks = self.archive.asks()
+        why = load_cache(self.run_dir, self.run_id, self.strategy, self.archive, trust=self.cmd.run.trust_checkpoint)
+        if why is None:
+            log.info("strategy restored from its cache (%d asks, %d tells)", len(asks), len(trials))
+            return
+        if (self.run_dir / STRATEGY_FILE).exists():
+            log.warning("ignoring %s: %s; rebuilding the strategy from the archive", STRATEGY_FILE, why)
+        self.strategy.close()
+        self.strategy = make_strategy(self._strategy_cfg, self.space, reference=self.reference)
+        started = time.time()
+        try:
+            diverged = self.strategy.replay([(a.candidate_id, a.genome, a.after_tells) for a in asks],
+                                            [(t.candidate_id, t.losses if t.ok else None) for t in trials])
+        except StrategyError as e:
+            raise RunDirError(f"run.dir {self.run_dir}: the archive's history cannot be replayed ({e}); "
+                              "pass run.overwrite=true to start afresh") from None
+        log.info("strategy rebuilt from the archive: %d asks, %d tells replayed in %.1f s", len(asks), len(trials),
+                 time.time() - started)
+        if diverged:
+            log.warning("%s proposed other genomes than the archive for %d of %d replayed asks; it continues from "
+                        "the archived genomes and results (correct, not identical to an uninterrupted run)",
+                        self.strategy.name, diverged, len(asks))
+        self._save_cache()
+
+    def _save_cache(self) -> None:
+        if self._cache_off:
+            return
+        try:
+            save_cache(self.run_dir, self.run_id, self.strategy, self.archive)
+        except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as e:
+            self._cache_off = f"{type(e).__name__}: {e}"
+            (self.run_dir / STRATEGY_FILE).unlink(missing_ok=True)
+            log.info("%s's state cannot be cached (%s); a resume replays the archive instead", self.strategy.name,
+                     self._cache_off)
 
     # ------------------------------------------------------------------ telling
     def _losses(self, objectives: dict[str, float]) -> list[float]:
@@ -536,7 +584,15 @@ class Search:
             self.strategy.tell(candidate, trial.losses)
         else:
             self.strategy.tell(candidate, failed=True)
-        save_checkpoint(self.run_dir, self.run_id, self.strategy)
+        self._save_cache()
+
+    def _ask(self) -> Candidate:
+        """A new candidate, archived before anything else happens to it."""
+        told = self.strategy.n_told
+        candidate = self.strategy.ask()
+        self.archive.record_ask(candidate.id, candidate.genome.tolist(), told)
+        self._save_cache()
+        return candidate
 
     def _record(self, candidate: Candidate, recipe: Recipe | None, status: str, *, result: Result | None = None,
                 original: Trial | None = None, error: str | None = None) -> Trial:
@@ -587,19 +643,20 @@ class Search:
         if trial.status == "failed":
             self.n_failed += 1
         joined = self._to_front(trial)
-        t = trial.timings
-        trial_log.info(
-            "trial %d (candidate %d) %s%s%s%s%s", trial.number, trial.candidate_id, trial.status,
-            f" of trial {trial.duplicate_of}" if trial.duplicate_of is not None else "",
-            f" scalar {trial.scalar:.4f} {json.dumps({k: round(v, 4) for k, v in trial.objectives.items()})}"
-            if trial.scalar is not None else "",
-            (f" merge {t.get('merge', 0):.3f}s score {t.get('score', 0):.3f}s" if t else "")
-            + (f": {trial.error}" if trial.error else ""),
-            f" -> joins the front ({self._front_text()})" if joined else "",
-        )
+        trial_log.info("%s%s", _trial_line(trial), f" -> joins the front ({self._front_text()})" if joined else "")
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(self._postfix(), refresh=False)
+
+    def _log_missing_trials(self) -> None:
+        """A kill between an evaluation's commit and its log line leaves search.log short of it:
+        write the line from the archive (the archive, not the log, is the truth)."""
+        path = self.run_dir / LOG_FILE
+        text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+        logged = {int(n) for n in re.findall(r"\btrial (\d+) \(candidate \d+\)", text)}
+        missing = [t for t in self.archive.trials() if t.number not in logged]
+        for trial in missing:
+            trial_log.info("%s (written on resume: the run was killed before its log line)", _trial_line(trial))
 
     def _postfix(self) -> str:
         best = "-" if self.best is None else f"{self.best.scalar:.4f}"
@@ -628,6 +685,8 @@ class Search:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         done = self.archive.count()
+        if self.resumed:
+            self._log_missing_trials()
         self.best = self.archive.best()
         self.n_failed = self.archive.count("failed")
         self.front = Front(self.reference) if len(self.objectives) > 1 else None
@@ -674,8 +733,7 @@ class Search:
                     if redispatch:
                         candidate = redispatch.pop(0)
                     else:
-                        candidate = self.strategy.ask()
-                        save_checkpoint(self.run_dir, self.run_id, self.strategy)
+                        candidate = self._ask()
                     recipe, error = self._decode(candidate)
                     if recipe is None:
                         self._record(candidate, None, "failed", error=error)
@@ -715,9 +773,35 @@ class Search:
                             self._front_text() or None)
 
 
+def _trial_line(trial: Trial) -> str:
+    """The log line of one archived evaluation."""
+    t = trial.timings
+    return "trial %d (candidate %d) %s%s%s%s" % (
+        trial.number, trial.candidate_id, trial.status,
+        f" of trial {trial.duplicate_of}" if trial.duplicate_of is not None else "",
+        f" scalar {trial.scalar:.4f} {json.dumps({k: round(v, 4) for k, v in trial.objectives.items()})}"
+        if trial.scalar is not None else "",
+        (f" merge {t.get('merge', 0):.3f}s score {t.get('score', 0):.3f}s" if t else "")
+        + (f": {trial.error}" if trial.error else ""),
+    )
+
+
+def check_plan(cmd: SearchCommand) -> None:
+    """The values that need no model to be judged, checked before the run directory is made."""
+    for key, value in (("run.budget", cmd.run.budget), ("strategy.budget", cmd.strategy.budget),
+                       ("run.threads", cmd.run.threads)):
+        if value is not None and int(value) < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    check_limits(cmd.evaluator)
+    check_cluster(cmd.cluster)
+    if cmd.cluster.backend == "serial" or not cmd.cluster.address:  # a joined cluster's GPUs are on its nodes
+        check_device(cmd.run.device, "run.device")
+
+
 def run_search(cmd: SearchCommand, scheduler_factory=None) -> SearchResult:
     """Start or resume the search ``cmd`` describes (its first stage first, for a hybrid
     search with ``space.dataflow.merge_stage``); returns when its budget is reached."""
+    check_plan(cmd)
     cmd = run_first_stage(cmd, scheduler_factory)
     return Search(cmd, scheduler_factory).run()
 
@@ -751,6 +835,18 @@ def run_first_stage(cmd: SearchCommand, scheduler_factory=None) -> SearchCommand
     log.info("stage 2 of 2: data flow over stage 1's best (trial %d, scalar %.4f)", result.best.number,
              result.best.scalar)
     return replace(cmd, space=replace(cmd.space, dataflow=replace(df, merged_from=str(stage_dir))))
+
+
+def nothing_scored(result: SearchResult) -> str:
+    """Why a run has no scored candidate: its failures' most frequent error (the CLI exits non-zero with it)."""
+    from collections import Counter
+
+    with Archive.open(result.run_dir) as archive:
+        trials = archive.trials()
+    errors = Counter((t.error or "").splitlines()[0][:300] for t in trials if t.status == "failed" and t.error)
+    common = "".join(f"; most often ({n} of {len(trials)}): {e}" for e, n in errors.most_common(1))
+    return (f"run {result.run_id}: none of its {len(trials)} candidates could be scored "
+            f"({sum(t.status == 'failed' for t in trials)} failed{common}); see {result.run_dir / LOG_FILE}")
 
 
 def summary(result: SearchResult) -> str:

@@ -1,9 +1,12 @@
 """Strategies: one small ask/tell interface over Nevergrad, Optuna, random and grid search.
 
 The only module that imports nevergrad or optuna. A strategy proposes genomes inside the
-space's bounds (``ask``), learns losses to minimize (``tell``), and saves everything it needs
-to continue exactly where it stopped (``state_dict`` / ``load_state_dict``), including the
-candidates asked but not yet told, so a resumed search can re-dispatch them.
+space's bounds (``ask``) and learns losses to minimize (``tell``). A strategy keeps no state
+that its history lacks: ``replay(asks, tells)`` brings a fresh, seeded strategy to where a
+run stopped from the archived asks and tells alone (the search's resume path), including the
+candidates asked but not yet told, which the search re-dispatches. ``state_dict`` /
+``load_state_dict`` (a pickle where the backend allows one) are a cache that saves replay
+time, never the truth.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class StrategyError(FuseEvoError):
 
 @dataclass(frozen=True, eq=False)
 class Candidate:
-    """One proposed genome; ``id`` is unique within the strategy (Optuna: the trial number)."""
+    """One proposed genome; ``id`` is unique within the strategy (0, 1, ... in the order asked)."""
 
     id: int
     genome: np.ndarray
@@ -94,6 +97,59 @@ class Strategy(ABC):
         _, handle = self._pending.pop(candidate.id)
         self._tell(handle, losses)
         self.n_told += 1
+
+    def replay(self, asks: Sequence[tuple[int, Sequence[float], int]],
+               tells: Sequence[tuple[int, Sequence[float] | None]]) -> int:
+        """Bring this fresh strategy to where a run stopped, from its history alone.
+
+        ``asks``: (candidate id, genome, tells made before it) in the order asked; ``tells``:
+        (candidate id, losses or None for a failure) in the order told. The asks are asked
+        again and the tells told again, interleaved as they were; seeded backends then propose
+        exactly the archived genomes. Where one proposes another genome (a backend that is
+        not deterministic, or a history written by another version), the archived genome is
+        adopted in its place, so the strategy still learns every archived result and continues
+        from the archive correctly, if not identically. Candidates asked and not told stay
+        pending, under their archived ids. Returns how many asks diverged."""
+        self._reset()
+        told = 0
+        diverged = 0
+
+        def tell_up_to(n: int) -> None:
+            nonlocal told
+            while told < min(n, len(tells)):
+                cid, losses = tells[told]
+                if cid not in self._pending:
+                    raise StrategyError(f"replay: tell {told} is of candidate {cid}, which was never asked")
+                candidate = self._pending[cid][0]
+                self.tell(candidate, losses, failed=losses is None)
+                told += 1
+
+        for cid, genome, after in asks:
+            tell_up_to(after)
+            expected = np.asarray(genome, dtype=np.float64)
+            candidate = self.ask()
+            _, handle = self._pending.pop(candidate.id)
+            if candidate.genome.shape != expected.shape or not np.allclose(candidate.genome, expected,
+                                                                          rtol=1e-9, atol=1e-12):
+                diverged += 1
+                handle = self._adopt(handle, expected)
+                candidate = Candidate(cid, expected)
+            self._pending[cid] = (Candidate(cid, candidate.genome), handle)
+            self._next_id = max(self._next_id, cid + 1)
+        tell_up_to(len(tells))
+        if told < len(tells):
+            raise StrategyError(f"replay: {len(tells) - told} tells of candidates never asked")
+        return diverged
+
+    def _reset(self) -> None:
+        """Forget everything told (a strategy about to replay its history); built fresh, most
+        backends have nothing to forget."""
+
+    def _adopt(self, handle: Any, genome: np.ndarray) -> Any:
+        """A handle that tells the backend ``genome``'s result, for an ask whose replay
+        proposed another genome (``handle``'s). Default: the handle is the genome itself or
+        unused (random, grid, path_es)."""
+        return genome if isinstance(handle, np.ndarray) else handle
 
     def close(self) -> None:
         """Release what the backend holds beyond memory (Nevergrad's optimizer threads)."""
@@ -265,6 +321,12 @@ class NevergradStrategy(Strategy):
         if self._replay:
             self._log.append(["tell", cid, loss])
 
+    def _adopt(self, handle, genome):
+        cid, asked = handle
+        if self._one_at_a_time:  # its minimize thread waits for the point it asked: give it the archived loss
+            return cid, asked
+        return cid, self.optimizer.parametrization.spawn_child(new_value=genome)  # told as not asked
+
     def _save(self, handles):
         if self._replay:
             return {"log": [list(event) for event in self._log]}
@@ -337,14 +399,29 @@ class OptunaStrategy(Strategy):
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # our loop logs candidates itself
         self._distributions = {g.name: FloatDistribution(g.low, g.high) for g in space.genes}
         self._url = config.storage
-        self._memory = None if config.storage else optuna.storages.InMemoryStorage()
+        self._open(fresh=False)
+
+    def _open(self, fresh: bool) -> None:
+        """The study: in memory, or in the RDB ``storage`` (there an existing study of the name is
+        loaded, or with ``fresh`` deleted first: a replay rebuilds it from the archive)."""
+        c = self.config
+        if fresh and c.storage and c.study_name:
+            try:
+                optuna.delete_study(study_name=c.study_name, storage=c.storage)
+            except KeyError:  # no such study yet
+                pass
+        self._memory = None if c.storage else optuna.storages.InMemoryStorage()
         self.study = optuna.create_study(
-            storage=config.storage or self._memory, sampler=self._sampler(), study_name=config.study_name,
-            directions=["minimize"] * config.num_objectives, load_if_exists=config.storage is not None,
+            storage=c.storage or self._memory, sampler=self._sampler(), study_name=c.study_name,
+            directions=["minimize"] * c.num_objectives, load_if_exists=c.storage is not None,
         )
         initial = self._initial()
         if initial is not None and not self.study.trials:  # a resumed RDB study has its first trial
-            self.study.enqueue_trial(dict(zip(space.names, initial.tolist())))
+            self.study.enqueue_trial(dict(zip(self.space.names, initial.tolist())))
+
+    def _reset(self):
+        if self._url:
+            self._open(fresh=True)
 
     def _sampler(self) -> optuna.samplers.BaseSampler:
         c = self.config
@@ -362,7 +439,12 @@ class OptunaStrategy(Strategy):
 
     def _ask(self):
         trial = self.study.ask(self._distributions)
-        return trial.number, np.array([trial.params[n] for n in self.space.names]), trial.number
+        return self._new_id(), np.array([trial.params[n] for n in self.space.names]), trial.number
+
+    def _adopt(self, handle, genome):
+        self.study.tell(handle, state=TrialState.FAIL)  # samplers model complete trials only
+        self.study.enqueue_trial(dict(zip(self.space.names, genome.tolist())))
+        return self.study.ask(self._distributions).number
 
     def _tell(self, handle, losses):
         if losses is None:
