@@ -101,14 +101,17 @@ def _search(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .search.run import run_search, summary
+    from .search.run import nothing_scored, run_search, summary
 
     command = OmegaConf.to_object(cfg)
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN and "run.dir" not in map(_override_key, hydra_cfg.overrides.task):
         # a sweep job: its own run dir, named by its overrides (hydra.sweep.dir/<overrides>)
         command = replace(command, run=replace(command.run, dir=hydra_cfg.runtime.output_dir))
-    print(summary(run_search(command)))
+    result = run_search(command)
+    print(summary(result))
+    if result.best is None:  # a run that scored nothing is no success, whatever its budget says
+        raise FuseEvoError(nothing_scored(result))
 
 
 COMMANDS: dict[str, tuple[str, Callable[[DictConfig], None], str]] = {
@@ -157,7 +160,10 @@ def _merge(argv: list[str]) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--max-shard-size", default="2GB")
     args = parser.parse_args(argv)
+    from .device import check_device
     from .merge.run import merge_file
+
+    check_device(args.device, "--device")
 
     out = merge_file(args.config, args.out, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
                      device=args.device, max_shard_size=args.max_shard_size)

@@ -61,12 +61,13 @@ def _name(ref: str, taken: set[str]) -> str:
 
 def parse(data: Mapping[str, Any], relative_to: Path | None = None) -> MergekitConfig:
     """Check a mergekit config and name its models; relative paths resolve against the file."""
+    for key in ("slices", "modules"):  # first: a stacking config's passthrough is not the method's fault
+        if data.get(key):
+            raise MergekitConfigError(f"{key}: layer stacking (frankenmerges) is not supported; list the models "
+                                      "to merge under 'models:' (fuse-evo's data-flow search stacks layers)")
     method = data.get("merge_method")
     if method not in METHODS:
         raise MergekitConfigError(f"merge_method: {method!r} is not supported; supported: {', '.join(METHODS)}")
-    for key in ("slices", "modules"):
-        if data.get(key):
-            raise MergekitConfigError(f"{key}: layer stacking is not supported, list the models under 'models:'")
     if data.get("tokenizer_source") not in (None, "base") or data.get("tokenizer"):
         raise MergekitConfigError("tokenizer_source/tokenizer: models must share the base's vocabulary")
     entries = data.get("models") or []

@@ -117,34 +117,59 @@ def resolve(name: str, ref: str | Path, revision: str | None = None) -> Path:
         ) from None
 
 
-def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+def _read_safetensors(name: str, files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as st:
-            for key in st.keys():
-                tensors[key] = st.get_tensor(key)
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                for key in st.keys():
+                    tensors[key] = st.get_tensor(key)
+        except (SafetensorError, OSError) as e:  # truncated, garbled header, unreadable
+            raise FuseEvoError(f"model {name!r}: {f} is not a readable safetensors file ({e}); "
+                               "it is truncated or damaged: download or save it again") from None
     return tensors
 
 
-def _shards(folder: Path, index_name: str) -> list[Path]:
-    index = json.loads((folder / index_name).read_text())
-    return [folder / s for s in sorted(set(index["weight_map"].values()))]
+def _shards(name: str, folder: Path, index_name: str) -> list[Path]:
+    """The shard files an index names, each checked present (a missing one named with its index)."""
+    index_path = folder / index_name
+    try:
+        shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise FuseEvoError(f"model {name!r}: {index_path} is not a shard index with a weight_map "
+                           f"({type(e).__name__}: {e})") from None
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing:
+        raise FuseEvoError(f"model {name!r}: {index_path} names {len(missing)} of {len(shards)} shards that are "
+                           f"missing: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    return [folder / s for s in shards]
+
+
+class PickledWeights(FuseEvoError):
+    """A model with only pickled weights, not allowed; ``hint(option)`` names the caller's switch."""
+
+    def __init__(self, name: str, folder: Path, option: str = "models.allow_pickle=true"):
+        self.name, self.folder = name, folder
+        super().__init__(f"model {name!r} at {folder} has only pickled .bin weights; loading them can run "
+                         f"arbitrary code, so pass {option} if you trust them")
+
+    def hint(self, option: str) -> "PickledWeights":
+        return PickledWeights(self.name, self.folder, option)
 
 
 def load_tensors(name: str, folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Safetensors (single file or sharded index); pickled .bin only when allowed, with a warning."""
     if (folder / SAFETENSORS_INDEX).exists():
-        return _read_safetensors(_shards(folder, SAFETENSORS_INDEX))
+        return _read_safetensors(name, _shards(name, folder, SAFETENSORS_INDEX))
     if (folder / SAFETENSORS).exists():
-        return _read_safetensors([folder / SAFETENSORS])
+        return _read_safetensors(name, [folder / SAFETENSORS])
     pickled = [folder / PICKLE] if (folder / PICKLE).exists() else (
-        _shards(folder, PICKLE_INDEX) if (folder / PICKLE_INDEX).exists() else []
+        _shards(name, folder, PICKLE_INDEX) if (folder / PICKLE_INDEX).exists() else []
     )
     if pickled and not allow_pickle:
-        raise FuseEvoError(
-            f"model {name!r} at {folder} has only pickled .bin weights; loading them can run "
-            "arbitrary code, so it needs allow_pickle=True (models.allow_pickle=true)"
-        )
+        raise PickledWeights(name, folder)
     if pickled:
         warnings.warn(f"model {name!r}: loading pickled weights from {folder} (allow_pickle)")
         tensors: dict[str, torch.Tensor] = {}

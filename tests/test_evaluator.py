@@ -19,7 +19,7 @@ from lm_eval.tasks import TaskManager
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fuse_evo.errors import FuseEvoError
-from fuse_evo.evaluate.evaluator import Evaluator, TaskError
+from fuse_evo.evaluate.evaluator import Evaluator, NonFiniteOutputs, TaskError
 from fuse_evo.evaluate.objectives import Objectives, measure_costs
 
 
@@ -168,6 +168,18 @@ def test_per_task_limits_and_costs_of_a_call(micro_zoo):
     assert values["mc"] == scores.results[tasks["multiple_choice"]]["acc_norm,none"]
     assert values["size"] == sum(p.numel() for p in model.parameters())
     assert values["speed"] == pytest.approx(scores.tokens / scores.seconds)
+
+
+def test_a_model_with_non_finite_outputs_is_not_scored(micro_zoo):
+    """Weights that overflow in the forward pass give nan log-likelihoods: an error, not an
+    accuracy of 0 (which a search would archive as a merely bad candidate)."""
+    model, tok = _load(micro_zoo, "ft_increment")
+    ev = Evaluator(model, tok, [_tasks(micro_zoo)["loglikelihood"]], include_path=micro_zoo["task_dir"], limit=8)
+    assert ev.score().flat()  # finite: scored
+    with torch.no_grad():
+        model.get_output_embeddings().weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteOutputs, match=r"log-likelihoods are not finite \(inf or nan\) for \d+ of 8 requests"):
+        ev.score()
 
 
 def test_sampled_generation_is_reseeded_per_call(micro_zoo, tmp_path):

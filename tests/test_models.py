@@ -112,7 +112,7 @@ def test_pickled_weights_need_an_explicit_opt_in(micro_zoo, tmp_path):
     shutil.copy(Path(sources["ft_reverse"]) / "config.json", folder)
     tensors = load_file(Path(sources["ft_reverse"]) / "model.safetensors")
     torch.save(tensors, folder / "pytorch_model.bin")
-    with pytest.raises(FuseEvoError, match="only pickled .bin weights.*allow_pickle=True"):
+    with pytest.raises(FuseEvoError, match="only pickled .bin weights.*models.allow_pickle=true"):
         ModelPool(base, {"pickled": folder})
     with pytest.warns(UserWarning, match="pickled"):
         pool = ModelPool(base, {"pickled": folder}, allow_pickle=True)

@@ -50,6 +50,11 @@ log = logging.getLogger(__name__)
 RANDOM_SEED, NUMPY_SEED, TORCH_SEED, FEWSHOT_SEED = 0, 1234, 1234, 1234
 
 
+class NonFiniteOutputs(FuseEvoError):
+    """A model whose log-likelihoods are inf or nan (overflowing weights or activations): it
+    cannot be scored, and must not be scored 0 as if it had merely answered wrong."""
+
+
 class TaskError(FuseEvoError):
     """A task that cannot be built; the message names the task and the file at fault."""
 
@@ -658,6 +663,10 @@ class _LiveLM(HFLM):
                 greedy[rs] = is_greedy[idx].all(dim=1)
         if lls is None:
             return []
+        bad = int((~torch.isfinite(lls)).sum())
+        if bad:
+            raise NonFiniteOutputs(f"the model's log-likelihoods are not finite (inf or nan) for {bad} of {n} "
+                                   "requests: its weights or activations overflow")
         return list(zip(lls.tolist(), greedy.tolist()))
 
     # ---------------------------------------------------------------- generation

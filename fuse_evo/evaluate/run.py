@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..device import check_device
 from ..errors import FuseEvoError
 
 
@@ -78,6 +79,9 @@ def evaluate_folder(
     """Score a model folder; return (and optionally write) the lm-eval-shaped results."""
     from .evaluator import Evaluator, to_json
 
+    check_device(device, "--device")
+    if limit is not None and not limit > 0:
+        raise FuseEvoError(f"--limit {limit:g}: must be > 0 (documents per task, or a fraction of them below 1)")
     out = output_file(output_path) if output_path else None
     if out is not None and out.parent.exists() and not os.access(out.parent, os.W_OK):
         raise FuseEvoError(f"--output_path {out}: {out.parent} is not writable")

@@ -47,6 +47,10 @@ def tensor_seed(recipe_seed: int, tensor: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+class NonFiniteMerge(FuseEvoError):
+    """A recipe whose merged weights overflow: that candidate's failure, never a model scored 0."""
+
+
 class MergeEngine:
     """Resident task vectors for one ModelPool; ``materialize(recipe, into=model)`` in place.
 
@@ -278,7 +282,11 @@ class MergeEngine:
         if missing:
             raise FuseEvoError(f"the live model has no tensor {missing[0]!r}: not a model of the base's architecture")
         for name in self.base:
-            targets[name].copy_(self.merge_tensor(recipe, name))
+            target = targets[name]
+            target.copy_(self.merge_tensor(recipe, name))
+            if target.is_floating_point() and not bool(torch.isfinite(target).all()):
+                raise NonFiniteMerge(f"merged tensor {name!r} is not finite (inf or nan) in "
+                                     f"{target.dtype}: the recipe's coefficients overflow it")
         return into
 
 

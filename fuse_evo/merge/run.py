@@ -14,8 +14,8 @@ import yaml
 
 from .. import mergekit_yaml
 from ..errors import FuseEvoError
-from ..export import save_merged
-from ..models import ModelPool
+from ..export import check_out, save_merged
+from ..models import ModelPool, PickledWeights
 from ..recipe import Recipe
 from .engine import MergeEngine
 
@@ -51,21 +51,21 @@ def merge_file(
     device: str | None = None,
     max_shard_size: str = "2GB",
 ) -> Path:
+    out = Path(out).expanduser().resolve()
+    check_out(out, overwrite)
     data = read_merge_file(config)
     here = Path(config).resolve().parent
     if "merge_method" in data:
         mk = mergekit_yaml.parse(data, relative_to=here)
         sources, dtype = mk.sources(), mk.dtype
-        pool = ModelPool(sources["base"], mk.models, allow_pickle=allow_pickle)
-        recipe = mergekit_yaml.to_recipe(mk, pool)
+        base, models, base_name = sources["base"], mk.models, "base"
     elif "recipe" in data and "sources" in data:
         recipe = Recipe.from_dict(data["recipe"])
         sources = {k: _local(v, here) for k, v in data["sources"].items()}
         missing = [m for m in (recipe.base, *recipe.models) if m not in sources]
         if missing:
             raise FuseEvoError(f"merge config {config}: sources has no path for {missing}")
-        pool = ModelPool(sources[recipe.base], {m: sources[m] for m in recipe.models},
-                         allow_pickle=allow_pickle, base_name=recipe.base)
+        base, models, base_name = sources[recipe.base], {m: sources[m] for m in recipe.models}, recipe.base
         dtype = data.get("dtype")
     else:
         raise FuseEvoError(
@@ -74,6 +74,12 @@ def merge_file(
         )
     if dtype not in _DTYPES:
         raise FuseEvoError(f"merge config {config}: dtype {dtype!r} is not one of float32, float16, bfloat16")
+    try:
+        pool = ModelPool(base, models, allow_pickle=allow_pickle, base_name=base_name)
+    except PickledWeights as e:
+        raise e.hint("--allow-pickle") from None
+    if "merge_method" in data:
+        recipe = mergekit_yaml.to_recipe(mk, pool)
     engine = MergeEngine(pool, device=device)
     engine.check(recipe)
     live = engine.materialize(recipe, into=pool.new_model(dtype=_DTYPES[dtype], device=engine.device))

@@ -89,11 +89,13 @@ class Worker:
     def __init__(self, spec: WorkerSpec):
         import torch
 
+        from ..device import check_device
         from ..evaluate.evaluator import Evaluator
         from ..evaluate.objectives import Objectives
         from ..merge.engine import MergeEngine
         from ..models import ModelPool
 
+        check_device(spec.device, "run.device")  # on this worker's node, before its models load
         if spec.threads:
             torch.set_num_threads(int(spec.threads))
         if spec.dtype is not None and spec.dtype not in _DTYPES:
