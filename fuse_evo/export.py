@@ -3,13 +3,19 @@
 The folder holds sharded safetensors, the config, the tokenizer, ``recipe.yaml`` (with the
 source paths, so ``fuse-evo merge DIR/recipe.yaml`` rebuilds the same weights) and a model card
 that says how the model was made. It is written to a temporary sibling and renamed into place,
-so a crash never leaves a half-written model where a finished one is expected.
+so a crash never leaves a half-written model where a finished one is expected; ``--overwrite``
+swaps the new folder with the old one before deleting the old (``replace_folder``), and the
+next export or merge into the same ``--out`` removes what a killed one left (``clean_stale``).
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -48,14 +54,113 @@ def _model_card(recipe: Recipe, sources: Mapping[str, str], scores: Mapping[str,
     return "\n".join(lines)
 
 
+# Hidden siblings of ``--out``: ``.NAME.staging-PID-XXXX`` (a model being written) and
+# ``.NAME.old-PID-XXXX`` (the model being replaced, while the new one moves in); PID is the
+# writer's, so a later export can tell the leftovers of a killed one from a running one's.
+_SIBLING = re.compile(r"\.(staging|old)-(\d+)-[^/]*$")
+
+
+def check_out(out: Path, overwrite: bool, error: type[FuseEvoError] = FuseEvoError) -> None:
+    """Judge ``--out`` before anything is loaded or merged, after cleaning what killed
+    writers of it left behind (``clean_stale``)."""
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            where = "is" if parent == out else "lies under"
+            raise error(f"--out {out} {where} {parent}, which is a file, not a folder: choose another --out")
+        if parent.exists():
+            break
+    clean_stale(out)
+    if out.exists() and not overwrite:
+        raise error(f"--out {out} already exists; remove it or pass --overwrite")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def clean_stale(out: Path) -> list[str]:
+    """Remove what killed writers of ``out`` left beside it (only folders whose process is gone);
+    a replaced model that was set aside but never deleted while ``out`` is missing is put back.
+    Says so on stderr and returns the lines."""
+    lines = []
+    if not out.parent.is_dir():
+        return lines
+    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.*")):
+        match = _SIBLING.search(path.name)
+        if not match or not path.is_dir() or path.name[1:len(out.name) + 1] != out.name or _alive(int(match[2])):
+            continue
+        kind, pid, size = match[1], int(match[2]), _size(path)
+        if kind == "old" and not out.exists() and (path / "model").is_dir():
+            os.replace(path / "model", out)
+            shutil.rmtree(path, ignore_errors=True)
+            lines.append(f"fuse-evo: {out} was missing and its previous model lay aside in {path.name} "
+                         f"(process {pid}, gone, was replacing it): put back")
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        lines.append(f"fuse-evo: removed {path} ({size / 2**20:.1f} MiB), left by process {pid} that was "
+                     f"writing {out.name} and is gone")
+    for line in lines:
+        print(line, file=sys.stderr)
+    return lines
+
+
 def staging_dir(out: Path, error: type[FuseEvoError] = FuseEvoError) -> Path:
     """A fresh temporary folder beside ``out`` (the same file system, so the finished folder
-    is renamed into place atomically); ``error`` names ``--out`` if it cannot be written."""
+    is renamed into place atomically), named with this process's id (``clean_stale``);
+    ``error`` names ``--out`` if it cannot be written."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{os.getpid()}-", dir=out.parent))
     except OSError as e:
         raise error(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); OSError where the
+    system or file system cannot."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def replace_folder(new: Path, out: Path) -> None:
+    """Move the finished folder ``new`` to ``out`` so that at every instant ``out`` holds one
+    complete model: a new ``out`` is a rename; an existing one is swapped with ``new`` in one
+    step (or, where that cannot be done, renamed aside first and put back by ``clean_stale``
+    if this process dies before the new one is in), and only then deleted."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+    try:
+        _exchange(new, out)
+        os.rename(new, aside / "model")  # the previous model, now at `new`
+    except OSError:
+        os.rename(out, aside / "model")
+        try:
+            os.replace(new, out)
+        except BaseException:
+            os.rename(aside / "model", out)
+            shutil.rmtree(aside, ignore_errors=True)
+            raise
+    shutil.rmtree(aside)
 
 
 def default_permissions(folder: Path) -> None:
@@ -79,8 +184,7 @@ def save_merged(
     overwrite: bool = False,
 ) -> Path:
     out = Path(out).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise FuseEvoError(f"--out {out} already exists; remove it or pass --overwrite")
+    check_out(out, overwrite)
     tmp = staging_dir(out)
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
@@ -89,9 +193,7 @@ def save_merged(
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(merge_config(recipe, sources), sort_keys=False))
         (tmp / "README.md").write_text(_model_card(recipe, sources, scores))
         default_permissions(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,7 +17,6 @@ the zoo's own table is); otherwise the search tasks themselves, with the run's l
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from ..device import check_device
 from ..errors import FuseEvoError
 from ..recipe import Recipe
 from . import pareto
@@ -155,6 +155,8 @@ class LiveMerge:
         base_name = info["base"]
         self.sources = dict(info["sources"])
         self.dtype = run.get("dtype")
+        if device is None:  # the run's device, which this machine may lack
+            check_device(run.get("device"), "the run's run.device", fix="pass --device cpu to export on this machine")
         pickle_ok = bool(models_cfg.get("allow_pickle")) if allow_pickle is None else allow_pickle
         self.pool = ModelPool(self.sources[base_name], {n: p for n, p in self.sources.items() if n != base_name},
                               allow_pickle=pickle_ok, trust_remote_code=bool(models_cfg.get("trust_remote_code")),
@@ -402,12 +404,12 @@ def export_run(
     """Export one trial (``best``, ``trial:N``) as a model folder at ``out``, or Pareto front
     members (``pareto``, ``pareto:K``) as ``out/trial_N/`` folders with ``front.json`` and a
     README table. Written in a staging folder and moved into place when complete."""
-    from ..export import default_permissions, staging_dir
+    from ..export import check_out, default_permissions, replace_folder, staging_dir
 
     run_dir = Path(run_dir).expanduser().resolve()
     out = Path(out).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise ExportError(f"--out {out} already exists; remove it or pass --overwrite")
+    check_out(out, overwrite, ExportError)
+    check_device(device, "--device")
     with Archive.open(run_dir) as archive:
         front = pick_front(archive, pick)
         trials = front if front is not None else [pick_trial(archive, pick)]
@@ -429,9 +431,7 @@ def export_run(
                 (folder / FRONT_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
                 (folder / "README.md").write_text(readme)
             default_permissions(folder)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(folder, out)
+            replace_folder(folder, out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return out
