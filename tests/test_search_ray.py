@@ -1,23 +1,30 @@
 """The Ray backend on the micro zoo, with a real local Ray cluster: 2 workers in generational
 mode archive what the serial backend archives; killing a worker's process mid-candidate
 restarts it and retries the candidate (or records it failed once its retries are spent), and
-the search finishes its budget; a Ray search killed with SIGKILL resumes; bad cluster configs
-and impossible resource requests fail fast."""
+the search finishes its budget; a worker killed while it loads the models is restarted, while
+a load that raises fails fast; a search whose local Ray node dies (its raylet killed) stops
+with a clear message instead of hanging, and the same command resumes it; a Ray search killed
+with SIGKILL resumes; bad cluster configs and impossible resource requests fail fast."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import ray
 
-from fuse_evo.errors import ConfigError
+from fuse_evo.errors import ConfigError, FuseEvoError
 from fuse_evo.search.archive import Archive
 from fuse_evo.search.ray_scheduler import RayScheduler, SchedulerError
 from fuse_evo.search.run import run_search
+from fuse_evo.search.scheduler import Worker
 
-from test_search_run import _count, check_archive, command, kill_and_resume, zoo_dir
+from test_search_run import REPO, _count, check_archive, command, kill_and_resume, zoo_dir
 
 CMA4 = ["strategy.population_size=4", "run.dashboard=false"]
 
@@ -80,6 +87,80 @@ def test_killed_workers_are_restarted_and_candidates_retried(micro_zoo, tmp_path
     assert trials[4].status == "failed" and trials[4].attempts == 2
     assert "worker died 2 time(s) running this candidate" in trials[4].error
     assert all(t.status == "complete" and t.attempts == 1 for c, t in trials.items() if c not in (2, 4))
+
+
+def test_a_worker_killed_while_loading_is_restarted(micro_zoo, tmp_path, local_ray):
+    """The first worker process to load the models is SIGKILLed mid-load (as the OOM killer
+    would): it is replaced within cluster.max_restarts and the search runs its budget."""
+    marker = tmp_path / "killed_once"
+
+    class DiesOnceWhileLoading(Worker):  # a local class: Ray pickles it by value
+        def __init__(self, spec):
+            super().__init__(spec)
+            if not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    cmd = command(micro_zoo, tmp_path / "run", "run.budget=6", *CMA4, "cluster=ray", "cluster.num_workers=2",
+                  "cluster.max_restarts=1")
+    schedulers = []
+
+    def factory(spec):
+        schedulers.append(RayScheduler(spec, cmd.cluster, worker_class=DiesOnceWhileLoading))
+        return schedulers[0]
+
+    assert run_search(cmd, scheduler_factory=factory).evaluations == 6
+    assert marker.exists() and schedulers[0].restarts == 1
+    check_archive(tmp_path / "run", 6)
+
+
+def test_a_load_that_raises_fails_fast_on_ray(micro_zoo, tmp_path, local_ray):
+    class BadModels(Worker):
+        def __init__(self, spec):
+            raise FuseEvoError("model 'bad': cannot be merged (a test)")
+
+    cmd = command(micro_zoo, tmp_path / "run", "run.budget=4", *CMA4, "cluster=ray", "cluster.num_workers=2")
+    started = time.time()
+    with pytest.raises(FuseEvoError, match="model 'bad': cannot be merged"):
+        run_search(cmd, scheduler_factory=lambda spec: RayScheduler(spec, cmd.cluster, worker_class=BadModels))
+    assert time.time() - started < 120 and _count(tmp_path / "run" / "archive.db") == 0
+
+
+def _raylets_under(pid: int) -> list:
+    import psutil
+
+    return [p for p in psutil.Process(pid).children(recursive=True)
+            if p.name() == "raylet" or "/raylet/raylet" in " ".join(p.cmdline()[:1])]
+
+
+def test_a_dead_ray_node_stops_the_search_and_the_same_command_resumes(micro_zoo, tmp_path):
+    budget = 5000  # its workers go on for some seconds after the raylet dies: more than they can do
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "fuse_evo.cli", "search", "experiment=micro",
+            f"models.zoo.out_dir={zoo_dir(micro_zoo)}", f"run.dir={run_dir}", f"run.budget={budget}", "cluster=ray",
+            "cluster.num_workers=2", "run.dashboard=false"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while _count(run_dir / "archive.db") < 3:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.05)
+        raylets = _raylets_under(proc.pid)
+        assert len(raylets) == 1
+        raylets[0].kill()  # the node dies, as when the OS kills one of its agents for memory
+        _, err = proc.communicate(timeout=180)  # it stops by itself: no hang
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, (_count(run_dir / "archive.db"), err[-3000:])
+    assert "fuse-evo: error: the local Ray died" in err and "the same command resumes the run" in err
+    done_before = _count(run_dir / "archive.db")
+    assert 3 <= done_before < budget
+    resumed = [a for a in args if not a.startswith("run.budget=")] + [f"run.budget={done_before + 4}"]
+    again = subprocess.run(resumed, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    check_archive(run_dir, done_before + 4)
 
 
 def test_ray_search_resumes_after_sigkill(micro_zoo, tmp_path):

@@ -150,8 +150,9 @@ class RunConfig:
     the live model (default: CUDA when available, the checkpoint's dtype). ``threads``:
     torch CPU threads (null: torch's default). ``dashboard``: mirror every evaluation into an
     Optuna study in the archive database, so ``optuna-dashboard DB_URL`` shows the run.
-    ``trust_checkpoint``: resume from a ``strategy.pkl`` another user owns (a pickle runs
-    what it says when loaded; by default only your own are loaded).
+    ``trust_checkpoint``: also use a ``strategy.pkl`` cache another user owns (a pickle runs
+    what it says when loaded); without it such a cache is ignored and the strategy rebuilt
+    from the archive, as for any cache whose checksum the archive does not vouch for.
     """
 
     dir: str = "runs/${name}"
@@ -184,7 +185,10 @@ class ClusterConfig:
     and reports them in candidate order (a barrier, as a serial run orders them).
     ``max_retries``: how often a candidate is retried after its worker process died (the
     worker is restarted and its sources reloaded first); then it is archived as failed.
-    ``max_restarts``: worker restarts in all before the run stops (resumable).
+    ``max_restarts``: worker restarts in all before the run stops (resumable); a worker killed
+    while it loads the models (a signal, the OOM killer) is restarted like one killed
+    mid-candidate. ``start_timeout_s``: how long a (re)started worker may take to load the
+    models before the run stops (resumable); a run whose Ray nodes all died stops at once.
     """
 
     backend: str = "serial"
@@ -196,6 +200,7 @@ class ClusterConfig:
     mode: str = "async"
     max_retries: int = 2
     max_restarts: int = 20
+    start_timeout_s: float = 1800.0
 
 
 @dataclass

@@ -17,6 +17,12 @@ by a fresh actor (sources reloaded) and the job retried on it, up to ``max_retri
 job; then the job comes back ``failed`` with the cause, and the search goes on. A job killed
 for memory is not retried (it would be killed again): it fails alone. Worker restarts are
 capped by ``max_restarts`` for the whole run, beyond which the run stops (and resumes later).
+An actor killed while it loads the models is restarted the same way; an exception raised by
+the load itself (a bad path, models that cannot be merged) fails the run at once with its own
+message. No wait is unbounded: every ``_POLL_S`` seconds a wait looks at the cluster, and a
+run whose Ray nodes all died, or whose (re)started worker has not loaded within
+``cluster.start_timeout_s``, stops with a SchedulerError (everything is archived; the same
+command resumes) instead of waiting for an actor that can never be placed.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ class SchedulerError(FuseEvoError):
 
 
 _started: list[bool] = []  # [True] while a Ray this module started is up
+_POLL_S = 2.0  # how often a wait looks at the cluster's health
+_RESUMES = "Every result so far is archived: the same command resumes the run"
 
 
 def prepare_cluster(cluster: ClusterConfig) -> ClusterConfig:
@@ -137,6 +145,8 @@ class _Slot:
     job: Job | None = None
     ref: Any = None
     attempt: int = 1  # of the job it runs
+    ready_ref: Any = None  # the (re)started actor's ready(), until it has answered
+    started: float = 0.0  # when the actor was (re)started
 
 
 class RayScheduler(Scheduler):
@@ -159,7 +169,7 @@ class RayScheduler(Scheduler):
             self._slots = [_Slot(i) for i in range(self.capacity)]
             for slot in self._slots:
                 self._start(slot)
-            self._await_ready(self._slots)
+            self._await_ready()
         except BaseException:
             self.close()
             raise
@@ -168,30 +178,75 @@ class RayScheduler(Scheduler):
     def _start(self, slot: _Slot) -> None:
         slot.actor = self._actor_class.remote(self._spec, self._worker_class)
         slot.pid, slot.name = None, f"ray worker {slot.index}"
+        slot.ready_ref, slot.started = slot.actor.ready.remote(), time.time()
 
-    def _await_ready(self, slots: list[_Slot]) -> None:
-        refs = {slot.actor.ready.remote(): slot for slot in slots}
-        for ref, slot in refs.items():
-            try:
-                info = ray.get(ref)
-            except RayActorError as e:
-                raise SchedulerError(f"worker {slot.index} died while loading the models: {_cause(e)}") from None
-            if info["error"]:
-                raise FuseEvoError(info["error"])  # the worker's own message (models, tasks), as the serial one
-            slot.pid, slot.name = info["pid"], info["name"]
-            log.info("worker %d (%s) ready in %.1f s", slot.index, slot.name, info["build_seconds"])
+    def _await_ready(self) -> None:
+        """Every worker built. One killed while it loads (a signal, the OOM killer) is
+        restarted within ``cluster.max_restarts``; a load that raised fails the run with its
+        own message; dead nodes or ``cluster.start_timeout_s`` stop it (``_check_health``)."""
+        while True:
+            pending = {s.ready_ref: s for s in self._slots if s.ready_ref is not None}
+            if not pending:
+                return
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=_POLL_S)
+            for ref in done:
+                slot = pending[ref]
+                try:
+                    self._became_ready(slot)
+                except RayActorError as e:
+                    cause = _cause(e)
+                    self._restart(slot, f"died while loading the models: {cause}")
+                    log.warning("worker %d died while loading the models (%s); restarted (%d of at most %d "
+                                "restarts)", slot.index, cause, self.restarts, self.cluster.max_restarts)
+            self._check_health()
+
+    def _became_ready(self, slot: _Slot) -> None:
+        """Read a done ``ready()``: RayActorError if the actor died, FuseEvoError if its load raised."""
+        ref, slot.ready_ref = slot.ready_ref, None
+        info = ray.get(ref)
+        if info["error"]:
+            raise FuseEvoError(info["error"])  # the worker's own message (models, tasks), as the serial one
+        slot.pid, slot.name = info["pid"], info["name"]
+        log.info("worker %d (%s) ready in %.1f s", slot.index, slot.name, info["build_seconds"])
+
+    def _check_health(self) -> None:
+        """Stop, rather than wait for ever, when no worker can run: every Ray node dead (the
+        raylet exits when one of its agent processes is killed, by hand or by the OS for
+        memory), or a worker not started within ``cluster.start_timeout_s``."""
+        nodes = ray.nodes()
+        alive = sum(bool(n.get("Alive")) for n in nodes)
+        where = f"the Ray cluster at {self.cluster.address}" if self.cluster.address else "the local Ray"
+        if not alive:
+            raise SchedulerError(f"{where} died ({len(nodes)} of {len(nodes)} node(s) dead; a node stops when its "
+                                 f"raylet or one of its agent processes is killed, e.g. by the OOM killer), so no "
+                                 f"worker can run. {_RESUMES}")
+        now = time.time()
+        for slot in self._slots:
+            if slot.ready_ref is not None and now - slot.started > self.cluster.start_timeout_s:
+                raise SchedulerError(f"worker {slot.index} did not start within cluster.start_timeout_s="
+                                     f"{self.cluster.start_timeout_s:g} s ({where}: {alive} of {len(nodes)} node(s) "
+                                     f"alive, free resources {ray.available_resources()}). {_RESUMES}")
+
+    def _poll_starts(self) -> None:
+        """While jobs run: note restarted workers that became ready; check the cluster."""
+        for slot in self._slots:
+            if slot.ready_ref is not None and ray.wait([slot.ready_ref], timeout=0)[0]:
+                try:
+                    self._became_ready(slot)
+                except RayActorError:
+                    pass  # its job's own result reports the death (and restarts it)
+        self._check_health()
 
     def _restart(self, slot: _Slot, why: str) -> None:
         if self.restarts >= self.cluster.max_restarts:
             raise SchedulerError(f"workers died {self.restarts + 1} times (cluster.max_restarts "
-                                 f"{self.cluster.max_restarts}); last: worker {slot.index}: {why}. Every result so "
-                                 "far is archived: the same command resumes the run")
+                                 f"{self.cluster.max_restarts}); last: worker {slot.index}: {why}. {_RESUMES}")
         self.restarts += 1
         try:
             ray.kill(slot.actor, no_restart=True)
         except RayError:
             pass
-        self._start(slot)  # the next job queues behind its constructor; ready() is not awaited
+        self._start(slot)  # the next job queues behind its constructor
 
     @property
     def workers(self) -> list[str]:
@@ -221,7 +276,10 @@ class RayScheduler(Scheduler):
             if not busy or (results and not self.generational):
                 break
             by_ref = {s.ref: s for s in busy}
-            ready, rest = ray.wait(list(by_ref), num_returns=1)
+            ready, rest = ray.wait(list(by_ref), num_returns=1, timeout=_POLL_S)
+            if not ready:
+                self._poll_starts()
+                continue
             if rest:  # and whatever else is done by now
                 ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             for ref in ready:

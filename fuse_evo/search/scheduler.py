@@ -249,6 +249,8 @@ def check_cluster(cluster: Any) -> None:
         automatic = value is None and key in ("num_workers", "gpus_per_worker") and cluster.backend == "ray"
         if not automatic and (value is None or value < least):
             raise ConfigError(f"cluster.{key}: must be at least {least}, got {value}")
+    if not cluster.start_timeout_s or cluster.start_timeout_s <= 0:
+        raise ConfigError(f"cluster.start_timeout_s: must be > 0 seconds, got {cluster.start_timeout_s}")
     if cluster.backend == "serial" and cluster.num_workers != 1:
         raise ConfigError(f"cluster.num_workers: the serial backend runs 1 worker, got {cluster.num_workers}; "
                           "use cluster=ray for more")
