@@ -866,5 +866,6 @@ def summary(result: SearchResult) -> str:
         lines.append(f"best: trial {best.number}, scalar {best.scalar:.4f} ({objectives}); recipe {best.recipe_key}")
     if result.front:
         lines.append(f"pareto: {result.front} (fuse-evo export RUN_DIR --pick pareto writes every member)")
-    lines.append(f"run dir: {result.run_dir} (config.yaml, archive.db, strategy.pkl, search.log)")
+    held = ", ".join(f for f in OUR_FILES if (Path(result.run_dir) / f).exists())
+    lines.append(f"run dir: {result.run_dir} ({held})")
     return "\n".join(lines)
