@@ -151,8 +151,7 @@ def replace_folder(new: Path, out: Path) -> None:
     aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
     try:
         _exchange(new, out)
-        os.rename(new, aside / "model")  # the previous model, now at `new`
-    except OSError:
+    except OSError:  # no atomic swap here: aside, then in
         os.rename(out, aside / "model")
         try:
             os.replace(new, out)
@@ -160,6 +159,8 @@ def replace_folder(new: Path, out: Path) -> None:
             os.rename(aside / "model", out)
             shutil.rmtree(aside, ignore_errors=True)
             raise
+    else:
+        os.rename(new, aside / "model")  # the previous model, swapped to `new`
     shutil.rmtree(aside)
 
 
