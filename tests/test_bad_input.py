@@ -102,7 +102,7 @@ def test_a_missing_shard_names_the_model_and_the_index(micro_zoo, tmp_path, caps
 
 
 @NO_CUDA
-def test_cuda_without_cuda_is_refused_before_anything_loads(micro_zoo, tmp_path, capsys, monkeypatch):
+def test_cuda_without_cuda_is_refused_before_anything_loads(micro_zoo, small_run, tmp_path, capsys, monkeypatch):
     import fuse_evo.models
 
     def no_loading(*a, **k):
@@ -114,6 +114,8 @@ def test_cuda_without_cuda_is_refused_before_anything_loads(micro_zoo, tmp_path,
     assert "--device=cuda: this machine has no usable CUDA device" in _error_line(capsys)
     assert main(["eval", micro_zoo["models"]["base"]["path"], "--device", "cuda", "--tasks", "zoo_increment",
                  "--include_path", micro_zoo["task_dir"]]) == 2
+    assert "--device=cuda: this machine has no usable CUDA device" in _error_line(capsys)
+    assert main(["export", str(small_run), "--out", str(tmp_path / "e"), "--device", "cuda"]) == 2
     assert "--device=cuda: this machine has no usable CUDA device" in _error_line(capsys)
     with pytest.raises(FuseEvoError, match="run.device=cuda: this machine has no usable CUDA device"):
         run_search(command(micro_zoo, tmp_path / "run", "run.device=cuda"))
