@@ -20,7 +20,7 @@ from fuse_evo.errors import FuseEvoError
 from fuse_evo.search.archive import Archive, ArchiveError
 from fuse_evo.search.run import run_search
 
-from test_search_run import REPO, command, zoo_dir
+from test_search_run import REPO, command, paths_command, zoo_dir
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
@@ -70,10 +70,7 @@ def test_damaged_safetensors_name_the_model_and_file_in_merge_and_search(micro_z
     assert f"model 'shift': {bad / 'model.safetensors'} is not a readable safetensors file" in err
     assert "download or save it again" in err and not out.exists()
 
-    models = micro_zoo["models"]
-    cmd = command(micro_zoo, tmp_path / "run", "models=paths", f"models.base={models['base']['path']}",
-                  f"++models.sources={{inc: {models['ft_increment']['path']}, bad: {bad}}}",
-                  f"evaluator.include_path=[{micro_zoo['task_dir']}]", zoo=False)
+    cmd = paths_command(micro_zoo, tmp_path / "run", {"inc": micro_zoo["models"]["ft_increment"]["path"], "bad": bad})
     with pytest.raises(FuseEvoError, match=r"model 'bad': .*model.safetensors is not a readable safetensors file"):
         run_search(cmd)
     assert Archive.open(tmp_path / "run").count() == 0

@@ -42,6 +42,14 @@ def command(manifest: dict, run_dir: Path, *overrides: str, zoo: bool = True):
     return compose_command("search", ["experiment=micro", *where, f"run.dir={run_dir}", *overrides])
 
 
+def paths_command(manifest: dict, run_dir: Path, sources: dict[str, Path | str], *overrides: str):
+    """A search over the zoo's base and ``sources`` given by path (``models=paths``)."""
+    listed = ", ".join(f"{name}: {path}" for name, path in sources.items())
+    return command(manifest, run_dir, "models=paths", f"models.base={manifest['models']['base']['path']}",
+                   f"++models.sources={{{listed}}}", f"evaluator.include_path=[{manifest['task_dir']}]",
+                   *overrides, zoo=False)
+
+
 def check_archive(run_dir: Path, budget: int) -> Archive:
     """The archive holds ``budget`` evaluations numbered 0.., one per candidate, each sound."""
     archive = Archive.open(run_dir)
@@ -276,9 +284,7 @@ def test_incompatible_models_fail_before_the_first_evaluation(micro_zoo, tmp_pat
     name = next(k for k in tensors if "layers.1.mlp.down_proj" in k)
     tensors[name] = tensors[name][:, :-1].contiguous()
     save_file(tensors, broken / "model.safetensors")
-    cmd = command(micro_zoo, tmp_path / "run", "models=paths", f"models.base={models['base']['path']}",
-                  f"++models.sources={{inc: {models['ft_increment']['path']}, bad: {broken}}}",
-                  f"evaluator.include_path=[{micro_zoo['task_dir']}]", zoo=False)
+    cmd = paths_command(micro_zoo, tmp_path / "run", {"inc": models["ft_increment"]["path"], "bad": broken})
     with pytest.raises(IncompatibleModels, match=rf"model 'bad', tensor '{name}': shape"):
         run_search(cmd)
     assert Archive.open(tmp_path / "run").count() == 0

@@ -281,12 +281,16 @@ class MergeEngine:
         missing = [k for k in self.base if k not in targets]
         if missing:
             raise FuseEvoError(f"the live model has no tensor {missing[0]!r}: not a model of the base's architecture")
+        finite = []  # one flag per float tensor, read once at the end: no device sync per tensor
         for name in self.base:
             target = targets[name]
             target.copy_(self.merge_tensor(recipe, name))
-            if target.is_floating_point() and not bool(torch.isfinite(target).all()):
-                raise NonFiniteMerge(f"merged tensor {name!r} is not finite (inf or nan) in "
-                                     f"{target.dtype}: the recipe's coefficients overflow it")
+            if target.is_floating_point():
+                finite.append((name, torch.isfinite(target).all()))
+        if finite and not bool(torch.stack([f for _, f in finite]).all()):
+            name = next(n for n, f in finite if not bool(f))
+            raise NonFiniteMerge(f"merged tensor {name!r} is not finite (inf or nan) in "
+                                 f"{targets[name].dtype}: the recipe's coefficients overflow it")
         return into
 
 
