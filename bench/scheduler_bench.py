@@ -53,7 +53,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fuse_evo.search.archive import Archive  # noqa: E402
-from fuse_evo.search.scheduler import Job, Result, SerialScheduler, Worker  # noqa: E402
+from fuse_evo.search.scheduler import SerialScheduler
+from fuse_evo.search.worker import Job, Result, Worker  # noqa: E402
 
 
 class UnequalWorker(Worker):
@@ -68,7 +69,7 @@ class UnequalWorker(Worker):
 
 
 def compose(overrides: list[str]):
-    from fuse_evo.cli import compose as compose_command
+    from fuse_evo.config import compose as compose_command
 
     return compose_command("search", overrides)
 

@@ -15,36 +15,10 @@ from typing import Callable
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from . import config as _config  # noqa: F401  (registers the structured configs)
-from .search import config as _search_config  # noqa: F401
+from .config import RESUME_SAFE, config_dir
 from .errors import FuseEvoError
 
 log = logging.getLogger("fuse_evo")
-
-
-def config_dir() -> Path:
-    """``$FUSE_EVO_CONFIG_DIR``, else the ``configs/`` folder of the checkout we run from."""
-    env = os.environ.get("FUSE_EVO_CONFIG_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
-    if not path.is_dir():
-        raise FuseEvoError(
-            f"config directory {path} not found: install fuse_evo from its checkout "
-            "(pip install -e .) or set FUSE_EVO_CONFIG_DIR"
-        )
-    return path
-
-
-def compose(config_name: str, overrides: list[str]):
-    """A command's config composed as its command line would compose it, as its dataclass
-    (inside a running ``fuse-evo`` application, or from a script or a test)."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        cfg = hydra.compose(config_name=config_name, overrides=overrides)
-    else:
-        with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = hydra.compose(config_name=config_name, overrides=overrides)
-    return OmegaConf.to_object(cfg)
 
 
 def job_dir_name(overrides: list[str]) -> str:
@@ -56,8 +30,6 @@ def job_dir_name(overrides: list[str]) -> str:
     a name, or one cut to 120 characters, ends with a hash of the overrides kept."""
     import hashlib
     import re
-
-    from .search.run import RESUME_SAFE
 
     kept = []
     for item in sorted(overrides):
@@ -128,13 +100,13 @@ FLAG_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
 
 
 def _export(argv: list[str]) -> int:
-    from .search.export import main as export_main
+    from .results.export import main as export_main
 
     return export_main(argv)
 
 
 def _report(argv: list[str]) -> int:
-    from .search.report import main as report_main
+    from .results.report import main as report_main
 
     return report_main(argv)
 

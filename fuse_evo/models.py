@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import FuseEvoError
+from .recipe import TensorGroup
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +46,6 @@ _HEAD = re.compile(r"(^|\.)(lm_head|embed_out|output)\.")
 _ATTENTION = re.compile(r"(self_attn|attention|attn|input_layernorm|ln_1)")
 _MLP = re.compile(r"(mlp|feed_forward|ffn|post_attention_layernorm|ln_2)")
 _POSITION = re.compile(r"(^|\.)(rotary_emb|wpe)\.")
-
-
-@dataclass(frozen=True)
-class TensorGroup:
-    """Where a tensor sits: ``embed``, ``layer`` (with index and ``attn``/``mlp`` part),
-    ``norm`` (the final norm) or ``head``."""
-
-    kind: str
-    layer: int | None = None
-    part: str | None = None
 
 
 def tensor_group(name: str) -> TensorGroup:

@@ -1,4 +1,10 @@
-"""Recipe: the plain-data description of one merged model, the contract between search and merge.
+"""The candidates: plain data describing one merged model, the contract between search and merge.
+
+Two kinds, one interface (``key``, ``to_dict``, ``models``, ``seed``; ``candidate_from_dict``
+reads either back from an archive row or a job): a ``Recipe`` (parameter space: a merge method
+and its coefficients) and a ``LayerPath`` (data flow: a path through the layers of several
+models). No torch here: the search, the archive and the results read candidates without
+loading a model.
 
 A recipe names the method, its global parameters, the base and source models, per-model
 parameters (weight, density, ...) for tensor groups, and the seed of stochastic methods. It is
@@ -20,46 +26,15 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+import math
+from typing import Any, Mapping, Union
 
 import yaml
 
 from .errors import FuseEvoError
-from .models import TensorGroup
+from .registry import METHODS
 
-METHODS = (
-    "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "breadcrumbs",
-    "breadcrumbs_ties", "della", "della_linear", "model_stock",
-)
-# per-model parameters each method reads, and the global ones it accepts
-PER_MODEL_PARAMS: dict[str, tuple[str, ...]] = {
-    "linear": ("weight",),
-    "task_arithmetic": ("weight",),
-    "ties": ("weight", "density"),
-    "breadcrumbs": ("weight", "density", "gamma"),
-    "breadcrumbs_ties": ("weight", "density", "gamma"),
-    "dare_ties": ("weight", "density"),
-    "dare_linear": ("weight", "density"),
-    "della": ("weight", "density", "epsilon"),
-    "della_linear": ("weight", "density", "epsilon"),
-    "slerp": (),
-    "model_stock": (),
-}
-GLOBAL_PARAMS: dict[str, set[str]] = {
-    "linear": {"normalize"},
-    "task_arithmetic": {"normalize", "lambda"},
-    "ties": {"normalize", "lambda", "rescale", "consensus"},
-    "breadcrumbs": {"normalize", "lambda", "rescale"},
-    "breadcrumbs_ties": {"normalize", "lambda", "rescale", "consensus"},
-    "dare_ties": {"normalize", "lambda", "rescale", "consensus"},
-    "dare_linear": {"normalize", "lambda", "rescale"},
-    "della": {"normalize", "lambda", "rescale", "consensus"},
-    "della_linear": {"normalize", "lambda", "rescale"},
-    "slerp": {"t"},
-    "model_stock": {"filter_wise"},
-}
-# what a per-model parameter is when a recipe leaves it out (mergekit's defaults); weight has none
-PER_MODEL_DEFAULTS = {"density": 1.0, "gamma": 0.01, "epsilon": 0.15}
+DATAFLOW = "dataflow"  # what an archived LayerPath's dict says it is (a Recipe says its merge method)
 
 _BLOCK = re.compile(r"layers\.(\d+)-(\d+)")
 _GROUP_KEY = re.compile(
@@ -69,6 +44,25 @@ _GROUP_KEY = re.compile(
 
 class RecipeError(FuseEvoError):
     """A recipe that cannot describe a merge (the message names the field)."""
+
+
+class DataFlowError(FuseEvoError):
+    """A path or models that cannot be routed (the message names the step or model)."""
+
+
+@dataclass(frozen=True)
+class TensorGroup:
+    """Where a tensor sits: ``embed``, ``layer`` (with index and ``attn``/``mlp`` part),
+    ``norm`` (the final norm) or ``head`` (``models.tensor_group`` classifies a name)."""
+
+    kind: str
+    layer: int | None = None
+    part: str | None = None
+
+
+def _content_key(data: Mapping[str, Any]) -> str:
+    """A candidate's content hash: equal candidates (whatever their construction order) share it."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def _plain(value: Any) -> Any:
@@ -128,7 +122,7 @@ class Recipe:
     @property
     def key(self) -> str:
         """Content hash: equal recipes (whatever their construction order) share it."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:20]
+        return _content_key(self.to_dict())
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Recipe) and self.to_dict() == other.to_dict()
@@ -192,3 +186,61 @@ class Recipe:
             out.update(per_model.get("*", {}))
             out.update(per_model.get(model, {}))
         return out
+
+
+@dataclass(frozen=True)
+class LayerPath:
+    """A data-flow candidate. ``steps``: ``(model, layer index)`` in order; ``scales``: one per
+    step, > 0, multiplied into the hidden state before that step; ``io_model``: whose
+    embedding, final norm and head frame the path (``merge.dataflow`` routes and exports it)."""
+
+    steps: tuple[tuple[str, int], ...]
+    scales: tuple[float, ...]
+    io_model: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", tuple((str(m), int(i)) for m, i in self.steps))
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        if not self.steps:
+            raise DataFlowError("path: empty; a data-flow path needs at least one layer")
+        if len(self.scales) != len(self.steps):
+            raise DataFlowError(f"path: {len(self.steps)} steps but {len(self.scales)} scales")
+        for k, ((model, layer), s) in enumerate(zip(self.steps, self.scales)):
+            if not (math.isfinite(s) and s > 0):
+                raise DataFlowError(f"path step {k} ({model} layer {layer}): scale {s} must be finite and > 0 "
+                                    "(a norm cannot undo a sign flip or a zero)")
+
+    method = DATAFLOW
+    seed = 0  # routing draws nothing at random
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([self.io_model, *(m for m, _ in self.steps)]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "io_model": self.io_model, "steps": [[m, i] for m, i in self.steps],
+                "scales": list(self.scales)}
+
+    @property
+    def key(self) -> str:
+        """Content hash, as ``Recipe.key``: equal paths share it."""
+        return _content_key(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LayerPath":
+        return cls(tuple(tuple(s) for s in data["steps"]), tuple(data["scales"]), data["io_model"])
+
+
+Candidate = Union[Recipe, LayerPath]
+
+
+def candidate_from_dict(data: Mapping[str, Any]) -> Candidate:
+    """A ``to_dict()`` of either kind (an archive row's recipe, a job) as its candidate."""
+    if data.get("method") == DATAFLOW:
+        return LayerPath.from_dict(data)
+    return Recipe.from_dict(data)
+
+
+def is_path(data: Mapping[str, Any] | Candidate) -> bool:
+    """Whether a candidate (or its dict) is a data-flow path."""
+    return isinstance(data, LayerPath) or (isinstance(data, Mapping) and data.get("method") == DATAFLOW)

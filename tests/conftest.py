@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from fuse_evo.cli import compose  # noqa: E402
+from fuse_evo.config import compose  # noqa: E402
 
 
 def compose_command(config_name: str, overrides: list[str]):

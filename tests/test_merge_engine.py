@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fuse_evo.export import save_merged
+from fuse_evo.merge.save import save_merged
 from fuse_evo.errors import FuseEvoError
 from fuse_evo.merge import methods as ops
 from fuse_evo.merge.engine import MergeEngine, tensor_seed

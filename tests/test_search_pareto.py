@@ -1,181 +1,125 @@
-"""Multi-objective search end to end on the micro zoo: NSGA-II told every objective, the
-archive's front and hypervolume, resume, Nevergrad's reference point, `fuse-evo export --pick
-pareto[:K]`, the report's figures (opened as images) and a comparison of runs."""
+"""Pareto bookkeeping on constructed points: dominance and ties, the front, hypervolume against
+hand-computed values (and Optuna's independent implementation on random fronts), its history,
+a spread of K members, and the archive's view (failures excluded, a duplicate counted once,
+the reference point and where it comes from)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
-import yaml
 
-from fuse_evo.cli import main
-from fuse_evo.errors import ConfigError
 from fuse_evo.search import pareto
-from fuse_evo.search.archive import Archive
-from fuse_evo.search.compare import CompareError, compare_runs
-from fuse_evo.search.run import run_search
-
-from conftest import compose_command
-
-TWO = ["evaluator=zoo_two_skills", "evaluator.limit=20", "++models.sources={ft_increment:null,ft_reverse:null}"]
+from fuse_evo.search.archive import Archive, ArchiveError, Trial, default_url
 
 
-def _search(micro_zoo, run: Path, budget: int, *overrides: str):
-    zoo = Path(micro_zoo["task_dir"]).parent
-    cmd = compose_command("search", ["experiment=micro", f"models.zoo.out_dir={zoo}", f"run.dir={run}",
-                                     f"run.budget={budget}", "run.dashboard=false", *overrides])
-    return run_search(cmd)
+def test_dominance_and_ties():
+    assert pareto.dominates([1, 2], [2, 2]) and not pareto.dominates([2, 2], [1, 2])
+    assert not pareto.dominates([1, 2], [1, 2])  # equal points: neither dominates
+    assert not pareto.dominates([1, 3], [2, 2]) and not pareto.dominates([2, 2], [1, 3])
+    points = [[1, 3], [2, 2], [2, 2], [3, 1], [3, 3], [2, 3]]
+    assert pareto.front_indices(points) == [0, 1, 2, 3]  # both copies of (2, 2) stay
+    assert pareto.front_indices([[5.0]]) == [0] and pareto.front_indices([[2.0], [1.0], [1.0]]) == [1, 2]
 
 
-@pytest.fixture(scope="module")
-def mo_run(micro_zoo, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("pareto") / "nsga2"
-    result = _search(micro_zoo, run, 8, *TWO, "strategy=nsga2", "strategy.population_size=4")
-    assert result.evaluations == 8 and result.front.startswith("front ")
-    return run
+def test_to_losses_follows_each_direction():
+    assert pareto.to_losses({"acc": 0.8, "params": 5.0}, {"acc": "max", "params": "min"}) == [-0.8, 5.0]
 
 
-def _brute_front(trials, names):
-    pts = [[-t.objectives[n] for n in names] for t in trials]
-    return [t.number for i, t in enumerate(trials)
-            if not any(pareto.dominates(pts[j], pts[i]) for j in range(len(trials)))]
+def test_hypervolume_by_hand():
+    # a staircase: 3 + 2 + 1
+    assert pareto.hypervolume([[1, 3], [2, 2], [3, 1]], [4, 4]) == pytest.approx(6.0)
+    # a dominated point and a copy change nothing; a point beyond the reference adds nothing
+    assert pareto.hypervolume([[1, 3], [2, 2], [3, 1], [3, 3], [2, 2], [5, 0]], [4, 4]) == pytest.approx(6.0)
+    assert pareto.hypervolume([[4, 1]], [4, 4]) == 0.0  # on the reference's edge: no volume
+    assert pareto.hypervolume([], [1, 1]) == 0.0
+    # 3 objectives: one box 1 x 2 x 3; two boxes 4 + 2 overlapping in a unit cube
+    assert pareto.hypervolume([[1, 1, 1]], [2, 3, 4]) == pytest.approx(6.0)
+    assert pareto.hypervolume([[0, 0, 1], [1, 1, 0]], [2, 2, 2]) == pytest.approx(5.0)
+    # 1 objective: the distance to the reference
+    assert pareto.hypervolume([[0.25], [0.5]], [1.0]) == pytest.approx(0.75)
 
 
-def test_every_objective_is_told_and_the_front_is_kept(mo_run, micro_zoo):
-    with Archive.open(mo_run) as archive:
-        info, trials = archive.info, archive.trials()
-        assert info["multi_objective"] and [o["name"] for o in info["objectives"]] == ["increment", "reverse"]
-        done = [t for t in trials if t.status == "complete"]
-        for t in done:  # losses: each objective, maximized ones negated
-            assert t.losses == pytest.approx([-t.objectives["increment"], -t.objectives["reverse"]])
-        front = archive.pareto_front()
-        assert [t.number for t in front] == _brute_front(done, ["increment", "reverse"])
-        history = archive.hypervolume_history()
-        assert history[-1] == pytest.approx(pareto.hypervolume(
-            [[-t.objectives["increment"], -t.objectives["reverse"]] for t in front], [0.0, 0.0]))
-        assert archive.reference_point()[1] == {"increment": "stated", "reverse": "stated"}
-    # null stays null in config.yaml (resume compares configs), the strategy got 2 objectives
-    stored = yaml.safe_load((mo_run / "config.yaml").read_text())
-    assert stored["strategy"]["num_objectives"] is None
+@pytest.mark.parametrize("dims", [2, 3, 4])
+def test_hypervolume_matches_optuna_on_random_fronts(dims):
+    from optuna._hypervolume import compute_hypervolume  # an independent implementation (WFG)
 
-    # resume to a larger budget: the front only improves
-    result = _search(micro_zoo, mo_run, 12, *TWO, "strategy=nsga2", "strategy.population_size=4")
-    assert result.resumed and result.evaluations == 12
-    with Archive.open(mo_run) as archive:
-        longer = archive.hypervolume_history()
-    assert longer[:8] == pytest.approx(history) and longer[-1] >= history[-1]
+    rng = np.random.default_rng(dims)
+    for _ in range(5):
+        points = rng.random((30, dims))
+        ref = np.full(dims, 1.1)
+        front = points[pareto.front_indices(points)]
+        assert pareto.hypervolume(points, ref) == pytest.approx(compute_hypervolume(front, ref), rel=1e-9)
 
 
-def test_objective_count_and_reference_are_checked(micro_zoo, tmp_path):
-    with pytest.raises(ConfigError, match=r"strategy.num_objectives: 3; use 1 .*, 2 \(each of"):
-        _search(micro_zoo, tmp_path / "bad", 2, *TWO, "strategy=nsga2", "strategy.num_objectives=3")
-    with pytest.raises(Exception, match=r"evaluator.objectives.0.reference=low"):  # Hydra's schema
-        _search(micro_zoo, tmp_path / "bad2", 2, *TWO, "evaluator.objectives.0.reference=low")
-    from fuse_evo.evaluate.objectives import Objectives
-
-    with pytest.raises(ConfigError, match=r"evaluator.objectives\[1\].reference: must be finite"):
-        Objectives([{"name": "a", "metric": "t/acc"}, {"name": "b", "metric": "u/acc", "reference": float("inf")}],
-                   prefix="evaluator.objectives")
-    assert Objectives([{"name": "p", "cost": "params", "reference": 5e6}]).items[0].default_reference == 5e6
-    assert not (tmp_path / "bad" / "archive.db").exists()
+def test_history_is_the_hypervolume_of_each_prefix():
+    rng = np.random.default_rng(0)
+    points = [list(p) for p in rng.random((25, 2))]
+    points[3] = points[7] = None  # failures add nothing
+    ref = [1.0, 1.0]
+    history = pareto.hypervolume_history(points, ref)
+    assert len(history) == len(points)
+    for n in range(1, len(points) + 1):
+        assert history[n - 1] == pytest.approx(pareto.hypervolume([p for p in points[:n] if p is not None], ref))
+    assert all(b >= a for a, b in zip(history, history[1:]))
 
 
-def test_nevergrad_measures_its_front_from_the_reference(micro_zoo, tmp_path):
-    from fuse_evo.search.config import StrategyConfig
-    from fuse_evo.search.strategies import make_strategy
-    from fuse_evo.search.space import SearchSpace
-
-    run = tmp_path / "de"
-    result = _search(micro_zoo, run, 6, *TWO, "strategy=de_pareto", "evaluator.objectives.1.reference=0.25")
-    assert result.evaluations == 6
-    with Archive.open(run) as archive:
-        assert archive.info["multi_objective"] and archive.info["strategy"] == "nevergrad/DE"
-        assert archive.reference_point()[0] == {"increment": 0.0, "reverse": 0.25}
-    # the strategy hands the reference (losses) to Nevergrad before any tell
-    cmd = compose_command("search", ["experiment=micro", *TWO])
-    space = SearchSpace(cmd.space.__class__(method="task_arithmetic", models=["a", "b"], num_layers=2,
-                                             genes=cmd.space.genes))
-    strategy = make_strategy(StrategyConfig(backend="nevergrad", optimizer="DE", budget=10, num_objectives=2),
-                             space, reference=[-0.0, -0.25])
-    assert np.allclose(strategy.optimizer._hypervolume_pareto._upper_bounds, [0.0, -0.25])
-    candidate = strategy.ask()
-    strategy.tell(candidate, [-0.5, -0.5])
-    assert len(strategy.optimizer.pareto_front()) == 1
+def test_spread_takes_the_extremes_first_and_spreads_the_rest():
+    front = [[i / 10, 1 - i / 10] for i in range(11)]
+    chosen = pareto.spread(front, 3)
+    assert set(chosen[:2]) == {0, 10} and chosen[2] == 5
+    assert sorted(pareto.spread(front, 50)) == list(range(11))
+    assert len(set(pareto.spread(front, 6))) == 6
 
 
-def test_export_pareto_members_with_their_scores(mo_run, tmp_path, capsys):
-    out = tmp_path / "front"
-    assert main(["export", str(mo_run), "--pick", "pareto:2", "--out", str(out)]) == 0
-    index = json.loads((out / "front.json").read_text())
-    with Archive.open(mo_run) as archive:
-        front = {t.number: t for t in archive.pareto_front()}
-    assert index["exported"] == min(2, len(front)) and index["front_size"] == len(front)
-    for member in index["members"]:
-        folder = out / member["folder"]
-        trial = front[member["trial"]]
-        scores = json.loads((folder / "scores.json").read_text())
-        assert scores["trial"] == trial.number and scores["search"]["objectives"] == trial.objectives
-        card = (folder / "README.md").read_text()
-        assert f"{trial.objectives['increment']:.4f}" in card and "held-out reverse" in card
-        assert "pareto front" in card and (folder / "config.json").is_file() and (folder / "recipe.yaml").is_file()
-    assert "| folder |" in capsys.readouterr().out
-
-    every = tmp_path / "every"
-    assert main(["export", str(mo_run), "--pick", "pareto", "--out", str(every), "--no-heldout"]) == 0
-    assert sorted(p.name for p in every.iterdir() if p.is_dir()) == sorted(f"trial_{n}" for n in front)
-    assert main(["export", str(mo_run), "--pick", "pareto:0", "--out", str(tmp_path / "x")]) == 2
-    assert "pareto:K with K a whole number >= 1" in capsys.readouterr().err and not (tmp_path / "x").exists()
+def _archive(tmp_path, objectives) -> Archive:
+    archive = Archive(default_url(tmp_path), "r", create=True)
+    archive.start_run("t", "{}", {"objectives": objectives})
+    return archive
 
 
-def test_report_figures_open_as_images(mo_run, capsys):
-    import matplotlib.image as mpimg
-
-    assert main(["report", str(mo_run), "--front-heldout", "2"]) == 0
-    report = mo_run / "report"
-    summary = json.loads((report / "summary.json").read_text())
-    with Archive.open(mo_run) as archive:
-        assert summary["pareto"]["front_size"] == len(archive.pareto_front())
-        assert summary["pareto"]["hypervolume"] == pytest.approx(archive.hypervolume_history()[-1])
-    assert sum(m.get("heldout") is not None for m in summary["pareto"]["members"]) == min(2, len(
-        summary["pareto"]["members"]))
-    text = (report / "summary.md").read_text()
-    for png in ("convergence.png", "coefficients.png", "heatmap.png", "front.png", "hypervolume.png",
-                "front_heatmap.png"):
-        image = mpimg.imread(report / png)
-        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, png
-        assert f"]({png})" in text
-    assert "## Pareto front" in capsys.readouterr().out
+def _record(archive: Archive, values: dict | None, status: str = "complete", duplicate_of=None, key=None) -> Trial:
+    n = archive.count()
+    ok = status != "failed" and values is not None
+    return archive.record(Trial(
+        number=-1, candidate_id=n, status=status, genome=[0.0], recipe={"method": "linear"},
+        recipe_key=key or f"k{n}", objectives=values or {}, scalar=sum(values.values()) if ok else None,
+        duplicate_of=duplicate_of, error=None if ok else "boom"))
 
 
-def test_compare_runs_and_seed_groups(mo_run, micro_zoo, tmp_path, capsys):
-    import matplotlib.image as mpimg
+def test_archive_front_excludes_failures_and_counts_duplicates_once(tmp_path):
+    archive = _archive(tmp_path, [{"name": "a", "direction": "max", "metric": "t/acc", "weight": 1.0},
+                                  {"name": "b", "direction": "max", "metric": "u/acc", "weight": 1.0}])
+    _record(archive, {"a": 0.9, "b": 0.1})          # 0: front
+    _record(archive, {"a": 0.5, "b": 0.5})          # 1: front
+    _record(archive, None, status="failed")         # 2: never counts
+    _record(archive, {"a": 0.5, "b": 0.5}, status="duplicate", duplicate_of=1, key="k1")  # 3: counted once
+    _record(archive, {"a": 0.4, "b": 0.4})          # 4: dominated by 1
+    _record(archive, {"a": 0.1, "b": 0.8})          # 5: front
+    assert [t.number for t in archive.pareto_front()] == [0, 1, 5]
+    point, source = archive.reference_point()
+    assert point == {"a": 0.0, "b": 0.0} and source == {"a": "default", "b": "default"}
+    history = archive.hypervolume_history()
+    by_hand = [0.09, 0.09 + 0.4 * 0.5, None, None, None, 0.09 + 0.4 * 0.5 + 0.1 * 0.3]
+    assert len(history) == 6
+    for got, want in zip(history, by_hand):
+        if want is not None:
+            assert got == pytest.approx(want)
+    assert history[2] == history[3] == history[4] == history[1]
+    with pytest.raises(ArchiveError, match="reference point covers"):
+        archive.hypervolume_history({"a": 0.0})
+    archive.close()
 
-    sweep = tmp_path / "sweep"
-    _search(micro_zoo, sweep / "seed1", 6, *TWO, "strategy=nsga2", "strategy.population_size=4", "seed=1")
-    _search(micro_zoo, sweep / "seed2", 6, *TWO, "strategy=nsga2", "strategy.population_size=4", "seed=2")
-    assert main(["report", str(sweep), "--no-heldout"]) == 0  # a folder of runs
-    out = sweep / "report"
-    summary = json.loads((out / "compare.json").read_text())
-    assert [r["run"] for r in summary["runs"]] == ["seed1", "seed2"]
-    assert len(summary["groups"]) == 1 and summary["groups"][0]["runs"] == 2  # differ only by seed
-    best = max(summary["runs"], key=lambda r: r["best_scalar"])
-    assert summary["best"] == {"run": best["run"], "dir": best["dir"], "trial": best["best_trial"],
-                               "scalar": best["best_scalar"]}
-    for r in summary["runs"]:
-        with Archive.open(r["dir"]) as archive:
-            assert r["hypervolume"] == pytest.approx(archive.hypervolume_history()[-1])
-            curve = [t.scalar for t in archive.trials() if t.ok]
-        reached = r["evaluations_to_95"]
-        assert reached is not None and max(curve[:reached]) >= summary["threshold"]
-    for png in ("compare.png", "compare_hypervolume.png", "compare_fronts.png"):
-        assert mpimg.imread(out / png).ndim == 3
-    assert "fuse-evo export" in (out / "compare.md").read_text() and "## Groups" in capsys.readouterr().out
 
-    # two runs given by path, one of them with a 3-objective evaluator: refused by name
-    other = tmp_path / "three"
-    _search(micro_zoo, other, 2)
-    with pytest.raises(CompareError, match=r"three: scored with other objectives"):
-        compare_runs([mo_run, other], out=tmp_path / "cmp", heldout=False)
+def test_reference_point_stated_or_worst_seen(tmp_path):
+    archive = _archive(tmp_path, [{"name": "acc", "direction": "max", "metric": "t/acc", "weight": 1.0,
+                                   "reference": 0.2},
+                                  {"name": "params", "direction": "min", "cost": "params", "metric": None,
+                                   "weight": 0.0}])
+    assert archive.reference_point() == ({"acc": 0.2}, {"acc": "stated"})  # nothing seen yet
+    _record(archive, {"acc": 0.5, "params": 100.0})
+    _record(archive, {"acc": 0.7, "params": 300.0})
+    point, source = archive.reference_point()
+    assert point == {"acc": 0.2, "params": 300.0} and source == {"acc": "stated", "params": "worst seen"}
+    # the worst-seen point itself spans nothing in params: only trial 0 counts, (0.5-0.2) x (300-100)
+    assert archive.hypervolume_history()[-1] == pytest.approx(0.3 * 200.0)
+    archive.close()

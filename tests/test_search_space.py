@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from fuse_evo.errors import ConfigError
 from fuse_evo.models import tensor_group
 from fuse_evo.recipe import Recipe
-from fuse_evo.search import GeneConfig, GranularityConfig, SearchSpace, SpaceConfig, SpaceError
+from fuse_evo.config import GeneConfig, GranularityConfig, SpaceConfig
+from fuse_evo.search import SearchSpace, SpaceError
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(p.stem for p in (REPO / "search_spaces").glob("*.yaml"))

@@ -16,9 +16,10 @@ import json
 import statistics
 from pathlib import Path
 
-from fuse_evo.search import pareto, plots
+from fuse_evo.results import plots
+from fuse_evo.search import pareto
 from fuse_evo.search.archive import Archive
-from fuse_evo.search.export import LiveMerge
+from fuse_evo.results.heldout import HeldOutMerge
 
 
 def front_of(trials, names, directions):
@@ -51,7 +52,7 @@ def main() -> None:
 
     rows, heldout_points = [], {}
     with Archive.open(grid_dir) as grid:
-        live = LiveMerge(grid)
+        live = HeldOutMerge(grid)
         for label, (run, front, evaluations) in fronts.items():
             with Archive.open(run) as a:
                 held = []

@@ -33,12 +33,21 @@ import lm_eval
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lm_eval.evaluator_utils import _process_results, get_sample_size
+from lm_eval.evaluator_utils import get_sample_size
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.tasks import TaskManager
-from lm_eval.tasks._index import _IGNORE_DIRS, TaskIndex
-from lm_eval.tasks._yaml_loader import load_yaml
+
+# lm-eval internals, each one used in one place below, since lm-eval offers no public way to do
+# the same: _process_results aggregates per-document metrics into lm-eval's results (what
+# simple_evaluate does after its forward passes), load_yaml + TaskIndex.process_cfg read one
+# task file as TaskManager's indexing would (which skips a bad file without a word).
+# tests/test_evaluate_evaluator.py::test_the_lm_eval_internals_we_use_are_there fails when a
+# release moves them, and the parity tests (metrics equal to simple_evaluate's) when it changes
+# what they compute.
+from lm_eval.evaluator_utils import _process_results  # noqa: E402
+from lm_eval.tasks._index import TaskIndex  # noqa: E402
+from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
 from lm_eval.utils import handle_non_serializable
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -61,6 +70,7 @@ class TaskError(FuseEvoError):
 
 # ---------------------------------------------------------------------------- task loading
 _DEFAULT_MANAGER: TaskManager | None = None  # indexing lm-eval's ~15k task files takes ~10 s
+_IGNORED_DIRS = {"__pycache__", ".ipynb_checkpoints"}  # folders TaskManager does not index
 
 
 def _check_task_dir(path: Path) -> None:
@@ -68,7 +78,7 @@ def _check_task_dir(path: Path) -> None:
     if not path.exists():
         raise TaskError(f"include_path {path} does not exist")
     files = [path] if path.is_file() else sorted(
-        p for p in path.glob("**/*.yaml") if not any(part in _IGNORE_DIRS for part in p.parts)
+        p for p in path.glob("**/*.yaml") if not any(part in _IGNORED_DIRS for part in p.parts)
     )
     if not files:
         raise TaskError(f"include_path {path} holds no task YAML (*.yaml)")

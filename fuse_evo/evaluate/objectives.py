@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from ..config import ObjectiveConfig
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..config import ObjectiveConfig
 
 COSTS = {"params": "min", "layers": "min", "tokens_per_s": "max"}
 DIRECTIONS = ("max", "min")
@@ -184,6 +186,18 @@ class Objectives:
     def scalar(self, values: Mapping[str, float]) -> float:
         """The weighted sum of the objectives, signed so that larger is better."""
         return sum(o.weight * o.sign * values[o.name] for o in self.items)
+
+
+def scalar_of(info: Mapping[str, Any], objectives: Mapping[str, float]) -> float | None:
+    """A run's weighted sum (larger is better) from its archived ``info`` (each objective's
+    name, weight and direction), when every objective has a value: ``Objectives.scalar`` for
+    readers that have the archive, not the config."""
+    total = 0.0
+    for o in info.get("objectives") or []:
+        if o["name"] not in objectives:
+            return None
+        total += float(o["weight"]) * (1.0 if o["direction"] == "max" else -1.0) * objectives[o["name"]]
+    return total
 
 
 # ---------------------------------------------------------------------------- costs

@@ -1,6 +1,6 @@
 """Data-flow merging: a path through the layers of several models, and its plain export.
 
-A ``LayerPath`` lists the decoder layers the hidden state passes through (``(model, layer)``
+A ``LayerPath`` (``fuse_evo.recipe``: plain data, like a Recipe) lists the decoder layers the hidden state passes through (``(model, layer)``
 steps, any model, any order, a layer may recur) and the scale the hidden state is multiplied
 by before each step, with the embedding, final norm and head of one model (``io_model``).
 
@@ -21,63 +21,12 @@ scale is folded into copies of the layers and the final norm absorbs what remain
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import math
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from ..errors import FuseEvoError
-
-
-class DataFlowError(FuseEvoError):
-    """A path or models that cannot be routed (the message names the step or model)."""
-
-
-@dataclass(frozen=True)
-class LayerPath:
-    """``steps``: ``(model, layer index)`` in order; ``scales``: one per step, > 0, multiplied
-    into the hidden state before that step; ``io_model``: whose embedding, final norm and
-    head frame the path."""
-
-    steps: tuple[tuple[str, int], ...]
-    scales: tuple[float, ...]
-    io_model: str
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "steps", tuple((str(m), int(i)) for m, i in self.steps))
-        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
-        if not self.steps:
-            raise DataFlowError("path: empty; a data-flow path needs at least one layer")
-        if len(self.scales) != len(self.steps):
-            raise DataFlowError(f"path: {len(self.steps)} steps but {len(self.scales)} scales")
-        for k, ((model, layer), s) in enumerate(zip(self.steps, self.scales)):
-            if not (math.isfinite(s) and s > 0):
-                raise DataFlowError(f"path step {k} ({model} layer {layer}): scale {s} must be finite and > 0 "
-                                    "(a norm cannot undo a sign flip or a zero)")
-
-    method = "dataflow"  # what an archived candidate's dict says it is (a Recipe says its merge method)
-    seed = 0  # routing draws nothing at random
-
-    @property
-    def models(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys([self.io_model, *(m for m, _ in self.steps)]))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "io_model": self.io_model, "steps": [[m, i] for m, i in self.steps],
-                "scales": list(self.scales)}
-
-    @property
-    def key(self) -> str:
-        """Content hash, as ``Recipe.key``: equal paths share it."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:20]
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LayerPath":
-        return cls(tuple(tuple(s) for s in data["steps"]), tuple(data["scales"]), data["io_model"])
+from ..recipe import DataFlowError, LayerPath, Recipe
 
 
 def _decoder(model: nn.Module, name: str) -> nn.Module:
@@ -250,8 +199,6 @@ def build_router(pool: Any, engine: Any, live: nn.Module, dataflow: Mapping[str,
     model of its weights (``merged``: ``live``, merged once by the hybrid's recipe with
     ``engine``), routed to the starting path. ``dataflow``: the search's
     ``{"io_model", "models", "initial", "merged"}``."""
-    from ..recipe import Recipe
-
     modules = {}
     for name in dataflow["models"]:
         if name == "merged":

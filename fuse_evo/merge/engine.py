@@ -10,7 +10,6 @@ the model: one tensor at a time is merged and copied into the live model's param
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 import warnings
 from typing import Any, Callable
@@ -18,27 +17,12 @@ from typing import Any, Callable
 import torch
 
 from ..errors import FuseEvoError
-from ..models import ModelPool, TensorGroup
-from ..recipe import GLOBAL_PARAMS as _GLOBAL
-from ..recipe import PER_MODEL_DEFAULTS
-from ..recipe import PER_MODEL_PARAMS as _PER_MODEL
-from ..recipe import Recipe, RecipeError
+from ..models import ModelPool
+from ..recipe import Recipe, RecipeError, TensorGroup
 from . import methods as ops
+from ..registry import PER_MODEL_DEFAULTS, spec
 
-_MAGNITUDE = {"ties", "breadcrumbs", "breadcrumbs_ties"}
-_RANKED = {"della", "della_linear"}
-_GTA = _MAGNITUDE | _RANKED | {"dare_ties", "dare_linear"}  # sparsify, then combine: one fused kernel
 _RESCALE_KIND = {None: None, False: None, True: "l1", "l1": "l1", "l2": "l2", "linf": "linf", "keep_prob": "keep_prob"}
-
-
-def _method_defaults(method: str) -> dict[str, Any]:
-    """normalize / rescale / consensus / lambda as the operator ``method`` defaults them
-    (mergekit's per-method defaults live in one place: the operators' signatures)."""
-    params = inspect.signature(getattr(ops, method)).parameters
-    defaults = {k: params[k].default for k in ("normalize", "rescale") if k in params}
-    defaults["consensus"] = params["consensus"].default if "consensus" in params else None
-    defaults["lambda"] = params["lambda_"].default
-    return defaults
 
 
 def tensor_seed(recipe_seed: int, tensor: str) -> int:
@@ -99,23 +83,26 @@ class MergeEngine:
             raise RecipeError(f"recipe.models: {unknown} not in the pool ({list(self.deltas)})")
         if recipe.base != self.pool.base.name:
             raise RecipeError(f"recipe.base: {recipe.base!r}, the pool's base is {self.pool.base.name!r}")
-        extra = set(recipe.parameters) - _GLOBAL[recipe.method]
+        method = spec(recipe.method)
+        extra = set(recipe.parameters) - method.global_params
         if extra:
             raise RecipeError(
                 f"recipe.parameters: {sorted(extra)} do not apply to {recipe.method} "
-                f"(it takes {sorted(_GLOBAL[recipe.method])})"
+                f"(it takes {sorted(method.global_params)})"
             )
-        if recipe.method == "slerp" and len(recipe.models) != 1:
-            raise RecipeError("recipe.models: slerp interpolates the base and exactly one model")
-        if recipe.method == "model_stock" and len(recipe.models) < 2:
-            raise RecipeError("recipe.models: model_stock needs at least two fine-tuned models")
+        least, most = method.models
+        if most == 1 and len(recipe.models) != 1:
+            raise RecipeError(f"recipe.models: {recipe.method} interpolates the base and exactly one model")
+        if len(recipe.models) < least:
+            count = {2: "two", 3: "three"}.get(least, str(least))
+            raise RecipeError(f"recipe.models: {recipe.method} needs at least {count} fine-tuned models")
         exact = any(k.startswith("tensor:") for k in recipe.groups)
         unknown = [k[7:] for k in recipe.groups if k.startswith("tensor:") and k[7:] not in self.base]
         if unknown:
             raise RecipeError(f"recipe.groups: no tensor {unknown[0]!r} in the base model")
         # every distinct group (and, with tensor: entries, every tensor) once, in tensor order
         seen = {(None if not exact else n, g): (n, g) for n, g in self.pool.groups.items()}
-        g = {**_method_defaults(recipe.method), **recipe.parameters} if recipe.method in _GTA else {}
+        g = method.resolved(recipe.parameters) if method.family == "gta" else {}
         if g and not _hashable_in(g["rescale"], _RESCALE_KIND):
             raise RecipeError(f"recipe.parameters.rescale: {g['rescale']!r}, expected one of {list(_RESCALE_KIND)}")
         if g and not _hashable_in(g["consensus"], (None, "sum", "count")):
@@ -130,12 +117,12 @@ class MergeEngine:
                         raise RecipeError(f"recipe: {e} (model {model!r}, {_where(group)})") from None
             if g and g["consensus"] is None and g["normalize"] and not sum(p["weight"] for p in per.values()):
                 raise RecipeError(f"recipe: weights sum to zero in {_where(group)}, cannot normalize")
-            if recipe.method == "slerp":
+            if method.family == "slerp":
                 self._slerp_t(recipe, group, name)
 
     def _per_model(self, recipe: Recipe, group: TensorGroup, model: str, tensor: str) -> dict[str, float]:
         params = recipe.model_params(group, model, tensor)
-        wanted = _PER_MODEL[recipe.method]
+        wanted = spec(recipe.method).per_model
         extra = set(params) - set(wanted) - ({"t"} if recipe.method == "slerp" else set())
         if extra:
             raise RecipeError(f"recipe: {sorted(extra)} do not apply to {recipe.method} (model {model!r}, {_where(group)})")
@@ -171,20 +158,20 @@ class MergeEngine:
         base = self.base[name]
         models = recipe.models
         g = recipe.parameters
-        method = recipe.method
-        if method == "slerp":
+        family = spec(recipe.method).family
+        if family == "slerp":
             # s0 base + s1 (base + d) = (s0 + s1) base + s1 d: one pass, angle cached per tensor
             s0, s1 = ops.slerp_weights(self._cosine(models[0], name), self._slerp_t(recipe, group, name))
             coefficients = self._per_source({models[0]: s1})
             merged = ops.combine_task_vectors(self.base32[name], self.stacked[name], coefficients, s0 + s1)
             return merged.view(self.shapes[name])
-        if method == "model_stock":
+        if family == "model_stock":
             deltas = [self.deltas[m][name] for m in models]
             return ops.model_stock(base, [base.float() + d for d in deltas],
                                    filter_wise=bool(g.get("filter_wise", False)))
         per = [self._per_model(recipe, group, m, name) for m in models]
         weights = [p["weight"] for p in per]
-        if method in ("linear", "task_arithmetic"):
+        if family == "linear":
             return self._linear_family(recipe, name, weights)
         return self._gta(recipe, name, per)
 
@@ -216,7 +203,8 @@ class MergeEngine:
         thresholds from the magnitude tables, random masks drawn in the kernel from the same
         streams the operators use, rescale norms cached per tensor. fp32 out."""
         method, models = recipe.method, recipe.models
-        g = {**_method_defaults(method), **recipe.parameters}
+        s = spec(method)
+        g = s.resolved(recipe.parameters)
         rescale = _RESCALE_KIND[g["rescale"]]
         vec = self._per_source
         args: dict[str, Any] = {
@@ -227,17 +215,17 @@ class MergeEngine:
             "normalize": bool(g["normalize"]),
             "lambda_": float(g["lambda"]),
         }
-        if method in _MAGNITUDE:
+        if s.sparsify in ("magnitude", "outliers"):
             low, high = {}, {}
             for m, p in zip(models, per):
                 low[m], high[m] = self._magnitude_bounds(m, name, p["density"], p.get("gamma"))
             args["low"] = vec(low)
-            if method != "ties":  # an upper bound only where there is one: a cheaper kernel
+            if s.sparsify == "outliers":  # an upper bound only where there is one: a cheaper kernel
                 args["high"] = vec(high, fill=math.inf)
         else:  # random masks: source j of the recipe draws from stream (tensor seed, j), as the operators
             seed = tensor_seed(recipe.seed, name)
             args["keys"] = vec({m: ops.random_key(seed, j) for j, m in enumerate(models)}, dtype=torch.int32)
-            if method in _RANKED:
+            if s.sparsify == "ranked":
                 args["epsilon"] = vec({m: p["epsilon"] if p["density"] < 1 else 0.0 for m, p in zip(models, per)})
                 args["rank_norms"] = self._rank_norms(name)
         stacked = self.stacked[name]

@@ -26,9 +26,11 @@ defaults) are the reference semantics. Deliberate differences, each explained wh
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
+
+from .. import registry
 
 Floats = Union[float, Sequence[float]]
 Rescale = Union[bool, str, None]
@@ -580,147 +582,81 @@ def _random_sparsifier(n: int, densities, epsilon, seed, rescale, rank_norms, wh
     return lambda i, d: sparsify_della(d, dens[i], eps[i], seed, rescale, ranks[i], source=i)
 
 
-def ties(
+_SUMMARIES = {
+    "ties": "TIES: magnitude trim, sign election (sum of weighted deltas, ties -> +), disjoint mean.",
+    "breadcrumbs": "Model Breadcrumbs: drop top-gamma outliers and small entries, then task arithmetic.",
+    "breadcrumbs_ties": "Breadcrumbs sparsification with TIES sign election.",
+    "dare_ties": "DARE random drop + rescale, then TIES sign election (mergekit defaults: no normalize, l1 rescale).",
+    "dare_linear": "DARE random drop + rescale, then plain task arithmetic.",
+    "della": "DELLA: magnitude-rank-weighted random drop + rescale, sign election, disjoint mean.",
+    "della_linear": "DELLA sparsification, then plain task arithmetic.",
+}
+_EXTRA = {"outliers": "gamma", "ranked": "epsilon"}  # the sparsifier's second per-source parameter
+_OPTIONS = {"normalize", "rescale", "lambda_", "consensus"}
+
+
+def gta(
+    method: str,
     base: torch.Tensor,
     tensors: Sequence[torch.Tensor],
     weights: Floats,
     densities: Floats = 1.0,
-    *,
-    normalize: bool = True,
-    rescale: Rescale = False,
-    lambda_: float = 1.0,
-    consensus: str = "sum",
-    tables: Optional[Sequence[Optional[MagnitudeTable]]] = None,
-    deltas_given: bool = False,
-) -> torch.Tensor:
-    """TIES: magnitude trim, sign election (sum of weighted deltas, ties -> +), disjoint mean."""
-    n = len(tensors)
-    w = _per_source(weights, n, "weight", "ties")
-    sp = _magnitude_sparsifier(n, densities, None, rescale, tables, "ties")
-    return _gta(base, tensors, w, sp, consensus, normalize, lambda_, "ties", deltas_given)
-
-
-def breadcrumbs(
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    weights: Floats,
-    densities: Floats = 1.0,
-    gamma: Floats = 0.01,
-    *,
-    normalize: bool = False,
-    rescale: Rescale = False,
-    lambda_: float = 1.0,
-    tables: Optional[Sequence[Optional[MagnitudeTable]]] = None,
-    deltas_given: bool = False,
-) -> torch.Tensor:
-    """Model Breadcrumbs: drop top-gamma outliers and small entries, then task arithmetic."""
-    n = len(tensors)
-    w = _per_source(weights, n, "weight", "breadcrumbs")
-    sp = _magnitude_sparsifier(n, densities, gamma, rescale, tables, "breadcrumbs")
-    return _gta(base, tensors, w, sp, None, normalize, lambda_, "breadcrumbs", deltas_given)
-
-
-def breadcrumbs_ties(
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    weights: Floats,
-    densities: Floats = 1.0,
-    gamma: Floats = 0.01,
-    *,
-    normalize: bool = False,
-    rescale: Rescale = False,
-    lambda_: float = 1.0,
-    consensus: str = "sum",
-    tables: Optional[Sequence[Optional[MagnitudeTable]]] = None,
-    deltas_given: bool = False,
-) -> torch.Tensor:
-    """Breadcrumbs sparsification with TIES sign election."""
-    n, what = len(tensors), "breadcrumbs_ties"
-    w = _per_source(weights, n, "weight", what)
-    sp = _magnitude_sparsifier(n, densities, gamma, rescale, tables, what)
-    return _gta(base, tensors, w, sp, consensus, normalize, lambda_, what, deltas_given)
-
-
-def dare_ties(
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    weights: Floats,
-    densities: Floats = 1.0,
+    extra: Optional[Floats] = None,
     *,
     seed: int = 0,
-    normalize: bool = False,
-    rescale: Rescale = True,
-    lambda_: float = 1.0,
-    consensus: str = "sum",
-    deltas_given: bool = False,
-) -> torch.Tensor:
-    """DARE random drop + rescale, then TIES sign election (mergekit defaults: no normalize, l1 rescale)."""
-    n = len(tensors)
-    w = _per_source(weights, n, "weight", "dare_ties")
-    sp = _random_sparsifier(n, densities, None, seed, rescale, None, "dare_ties")
-    return _gta(base, tensors, w, sp, consensus, normalize, lambda_, "dare_ties", deltas_given)
-
-
-def dare_linear(
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    weights: Floats,
-    densities: Floats = 1.0,
-    *,
-    seed: int = 0,
-    normalize: bool = False,
-    rescale: Rescale = True,
-    lambda_: float = 1.0,
-    deltas_given: bool = False,
-) -> torch.Tensor:
-    """DARE random drop + rescale, then plain task arithmetic."""
-    n = len(tensors)
-    w = _per_source(weights, n, "weight", "dare_linear")
-    sp = _random_sparsifier(n, densities, None, seed, rescale, None, "dare_linear")
-    return _gta(base, tensors, w, sp, None, normalize, lambda_, "dare_linear", deltas_given)
-
-
-def della(
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    weights: Floats,
-    densities: Floats = 1.0,
-    epsilon: Floats = 0.15,
-    *,
-    seed: int = 0,
-    normalize: bool = True,
-    rescale: Rescale = True,
-    lambda_: float = 1.0,
-    consensus: str = "sum",
+    tables: Optional[Sequence[Optional[MagnitudeTable]]] = None,
     rank_norms: Optional[Sequence[Optional[torch.Tensor]]] = None,
     deltas_given: bool = False,
+    **options: Any,
 ) -> torch.Tensor:
-    """DELLA: magnitude-rank-weighted random drop + rescale, sign election, disjoint mean."""
+    """Any sparsify-then-combine method of the registry (``registry.SPECS``, family ``gta``),
+    one tensor at a time: each source's delta sparsified (``extra``: breadcrumbs' gamma or
+    DELLA's epsilon, per source or one for all; ``seed``: the random streams of DARE and
+    DELLA; ``tables``/``rank_norms``: precomputed magnitude tables or rank norms), weighted,
+    signs elected where the method does, combined. ``options``: ``normalize``, ``rescale``,
+    ``lambda_``, ``consensus`` (where the method takes it), defaulting to the method's own."""
+    s = registry.spec(method)
+    if s.family != "gta":
+        raise ValueError(f"gta: {method} is not a sparsify-then-combine method")
+    allowed = _OPTIONS if "consensus" in s.global_params else _OPTIONS - {"consensus"}
+    unknown = set(options) - allowed
+    if unknown:
+        raise TypeError(f"{method}: unexpected option(s) {sorted(unknown)} (it takes {sorted(allowed)})")
+    g = s.resolved({("lambda" if k == "lambda_" else k): v for k, v in options.items()})
     n = len(tensors)
-    w = _per_source(weights, n, "weight", "della")
-    sp = _random_sparsifier(n, densities, epsilon, seed, rescale, rank_norms, "della")
-    return _gta(base, tensors, w, sp, consensus, normalize, lambda_, "della", deltas_given)
+    w = _per_source(weights, n, "weight", method)
+    name = _EXTRA.get(s.sparsify)
+    value = registry.PER_MODEL_DEFAULTS[name] if name and extra is None else extra
+    if s.sparsify in ("magnitude", "outliers"):
+        sp = _magnitude_sparsifier(n, densities, value, g["rescale"], tables, method)
+    else:
+        sp = _random_sparsifier(n, densities, value, seed, g["rescale"], rank_norms, method)
+    return _gta(base, tensors, w, sp, g.get("consensus"), g["normalize"], g["lambda"], method, deltas_given)
 
 
-def della_linear(
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    weights: Floats,
-    densities: Floats = 1.0,
-    epsilon: Floats = 0.15,
-    *,
-    seed: int = 0,
-    normalize: bool = False,
-    rescale: Rescale = True,
-    lambda_: float = 1.0,
-    rank_norms: Optional[Sequence[Optional[torch.Tensor]]] = None,
-    deltas_given: bool = False,
-) -> torch.Tensor:
-    """DELLA sparsification, then plain task arithmetic."""
-    n, what = len(tensors), "della_linear"
-    w = _per_source(weights, n, "weight", what)
-    sp = _random_sparsifier(n, densities, epsilon, seed, rescale, rank_norms, what)
-    return _gta(base, tensors, w, sp, None, normalize, lambda_, what, deltas_given)
+def _operator(method: str) -> Callable[..., torch.Tensor]:
+    """``method(base, tensors, weights, densities=1.0, [gamma|epsilon], **options)``: ``gta``
+    for one registry method, with its own parameter name for the sparsifier's second value."""
+    extra = _EXTRA.get(registry.spec(method).sparsify)
+
+    def merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Floats, densities: Floats = 1.0,
+              *args: Any, **kwargs: Any) -> torch.Tensor:
+        if extra is not None and extra in kwargs:
+            args = (kwargs.pop(extra), *args)
+        return gta(method, base, tensors, weights, densities, *args, **kwargs)
+
+    merge.__name__ = merge.__qualname__ = method
+    merge.__doc__ = _SUMMARIES[method]
+    return merge
+
+
+ties = _operator("ties")
+breadcrumbs = _operator("breadcrumbs")
+breadcrumbs_ties = _operator("breadcrumbs_ties")
+dare_ties = _operator("dare_ties")
+dare_linear = _operator("dare_linear")
+della = _operator("della")
+della_linear = _operator("della_linear")
 
 
 # ----------------------------------------------------------------------------- geometric
@@ -800,6 +736,7 @@ __all__ = [
     "dare_linear",
     "dare_ties",
     "della",
+    "gta",
     "della_linear",
     "linear",
     "combine_task_vectors",

@@ -9,17 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from .. import mergekit_yaml
 from ..errors import FuseEvoError
-from ..export import check_out, save_merged
 from ..models import ModelPool, PickledWeights
 from ..recipe import Recipe
-from .engine import MergeEngine
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, None: None}
+from . import mergekit
+from .live import LiveMerge, torch_dtype
+from .save import check_out, save_merged
 
 
 def read_merge_file(path: Path) -> dict[str, Any]:
@@ -56,7 +53,7 @@ def merge_file(
     data = read_merge_file(config)
     here = Path(config).resolve().parent
     if "merge_method" in data:
-        mk = mergekit_yaml.parse(data, relative_to=here)
+        mk = mergekit.parse(data, relative_to=here)
         sources, dtype = mk.sources(), mk.dtype
         base, models, base_name = sources["base"], mk.models, "base"
     elif "recipe" in data and "sources" in data:
@@ -72,16 +69,14 @@ def merge_file(
             f"merge config {config}: expected a fuse_evo merge file (sources + recipe) or a "
             "mergekit config (merge_method + models)"
         )
-    if dtype not in _DTYPES:
-        raise FuseEvoError(f"merge config {config}: dtype {dtype!r} is not one of float32, float16, bfloat16")
+    torch_dtype(dtype, f"merge config {config}: dtype")
     try:
         pool = ModelPool(base, models, allow_pickle=allow_pickle, base_name=base_name)
     except PickledWeights as e:
         raise e.hint("--allow-pickle") from None
     if "merge_method" in data:
-        recipe = mergekit_yaml.to_recipe(mk, pool)
-    engine = MergeEngine(pool, device=device)
-    engine.check(recipe)
-    live = engine.materialize(recipe, into=pool.new_model(dtype=_DTYPES[dtype], device=engine.device))
-    return save_merged(live.cpu(), pool.tokenizer(), out, recipe, sources,
+        recipe = mergekit.to_recipe(mk, pool)
+    live = LiveMerge(pool, device=device, dtype=dtype)
+    model = live.load(recipe)
+    return save_merged(model.cpu(), live.tokenizer, out, recipe, sources,
                        max_shard_size=max_shard_size, overwrite=overwrite)

@@ -1,20 +1,18 @@
 """The search: spaces that decode genomes into recipes, strategies that propose genomes, the
 archive of evaluations and the loop that runs them (``fuse-evo search``).
 
-Names are imported on first use, so ``fuse_evo.search.config`` (the Hydra schemas every CLI
-command registers) does not pull in torch, nevergrad and optuna.
+Names are imported on first use, so ``import fuse_evo.search`` pulls in nothing heavy.
 """
 
 from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "GeneConfig": "config", "GranularityConfig": "config", "SpaceConfig": "config", "StrategyConfig": "config",
-    "ModelsConfig": "config", "RunConfig": "config", "SearchCommand": "config",
     "Gene": "space", "SearchSpace": "space", "SpaceError": "space",
-    "Candidate": "strategies", "Strategy": "strategies", "StrategyError": "strategies", "make_strategy": "strategies",
+    "Proposal": "strategies", "Strategy": "strategies", "StrategyError": "strategies", "make_strategy": "strategies",
     "Archive": "archive", "ArchiveError": "archive", "Trial": "archive",
-    "run_search": "run", "Search": "run", "SearchResult": "run", "RunDirError": "run",
+    "run_search": "run", "Search": "run", "SearchResult": "run", "RunDirError": "rundir",
+    "Plan": "plan", "make_plan": "plan", "Worker": "worker", "WorkerSpec": "worker", "Job": "worker", "Result": "worker",
 }
 
 __all__ = sorted(_EXPORTS)

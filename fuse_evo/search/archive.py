@@ -37,7 +37,7 @@ import yaml
 
 from ..errors import FuseEvoError
 from ..evaluate.objectives import default_reference
-from ..recipe import Recipe
+from ..recipe import Candidate, candidate_from_dict
 from . import pareto
 
 CONFIG_FILE = "config.yaml"
@@ -145,13 +145,9 @@ class Trial:
         """Scored (here or, for a duplicate, by the trial it repeats) and not failed."""
         return self.status != "failed" and self.scalar is not None
 
-    def to_recipe(self) -> Any:
+    def to_recipe(self) -> Candidate:
         """The candidate: a ``Recipe``, or a ``LayerPath`` for a data-flow search."""
-        if self.recipe.get("method") == "dataflow":
-            from ..merge.dataflow import LayerPath
-
-            return LayerPath.from_dict(self.recipe)
-        return Recipe.from_dict(self.recipe)
+        return candidate_from_dict(self.recipe)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

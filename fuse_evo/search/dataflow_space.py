@@ -19,9 +19,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..config import DataFlowSpaceConfig
 from ..errors import ConfigError
-from ..merge.dataflow import LayerPath
-from .config import DataFlowSpaceConfig
+from ..recipe import LayerPath
 from .space import Gene, GenomeSpace, SpaceError
 
 THRESHOLD = 0.5

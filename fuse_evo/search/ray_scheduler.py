@@ -38,8 +38,9 @@ import ray
 from ray.exceptions import OutOfMemoryError, RayActorError, RayError
 
 from ..errors import FuseEvoError
-from .config import ClusterConfig
-from .scheduler import Job, Result, Scheduler, Worker, WorkerSpec, check_cluster
+from ..config import ClusterConfig
+from .scheduler import Scheduler, check_cluster
+from .worker import Job, Result, Worker, WorkerSpec
 
 log = logging.getLogger(__name__)
 

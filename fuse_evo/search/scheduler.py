@@ -1,179 +1,21 @@
-"""The scheduler seam: jobs (a candidate's recipe) go to workers, results come back.
-
-A ``Worker`` is what one device runs for the whole search: the source tensors resident in a
-MergeEngine, one live model merged into in place, and an Evaluator whose lm-eval requests
-were built once. ``Worker.run(job)`` never raises for a bad candidate: an exception in the
-merge or the evaluation, or a non-finite objective, comes back as a ``failed`` result with
-the error text.
+"""The scheduler seam: jobs (a candidate) go to workers (``worker.py``), results come back.
 
 A ``Scheduler`` hands jobs to workers: ``submit(job)`` while ``free()``, then ``wait()`` for
 the results that are done. ``SerialScheduler`` runs one in-process worker;
 ``ray_scheduler.RayScheduler`` (one actor per worker slot, asynchronous dispatch, restarts)
 plugs in behind the same three calls, building its actors from the same plain, picklable
-``WorkerSpec``. ``make_scheduler`` picks one from the ``cluster`` config.
+``WorkerSpec``; ``run.make_scheduler`` picks one from the ``cluster`` config, which
+``check_cluster`` judges before anything starts.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import os
-import socket
-import time
-import traceback
 from abc import ABC, abstractmethod
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import EvaluatorConfig
-from ..errors import ConfigError, FuseEvoError
-
-log = logging.getLogger(__name__)
-
-_DTYPES = ("float32", "float16", "bfloat16")
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker builds itself from: plain data, so a remote actor can get it."""
-
-    base: str
-    sources: dict[str, str]
-    evaluator: EvaluatorConfig
-    base_name: str = "base"
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    device: str | None = None
-    dtype: str | None = None
-    threads: int | None = None
-    # data-flow searches: {"io_model", "models" (names laid out), "initial" (a LayerPath dict),
-    # "merged" (a Recipe dict materialized as the model "merged", or None)}
-    dataflow: dict[str, Any] | None = None
-
-
-@dataclass
-class Job:
-    """One candidate to score: its strategy id and its recipe (``Recipe.to_dict()``)."""
-
-    candidate_id: int
-    recipe: dict[str, Any]
-    key: str
-
-
-@dataclass
-class Result:
-    """A scored (``complete``) or ``failed`` job. ``objectives``: objective name -> value in
-    its own units; ``metrics``: every numeric metric (``task/metric,filter``)."""
-
-    candidate_id: int
-    status: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    objectives: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
-    worker: str = ""
-    started: float = 0.0
-    finished: float = 0.0
-    timings: dict[str, float] = field(default_factory=dict)
-    attempts: int = 1  # > 1: its worker died and it was retried on a restarted one
-
-
-class Worker:
-    """Engine, live model and evaluator for one device; ``run(job)`` scores one recipe.
-
-    Building it loads the models (refusing models that cannot be merged, naming them),
-    builds the evaluator (refusing unknown tasks) and checks that every objective names an
-    evaluated task and metric: all before the first evaluation.
-    """
-
-    def __init__(self, spec: WorkerSpec):
-        import torch
-
-        from ..device import check_device
-        from ..evaluate.evaluator import Evaluator
-        from ..evaluate.objectives import Objectives
-        from ..merge.engine import MergeEngine
-        from ..models import ModelPool
-
-        check_device(spec.device, "run.device")  # on this worker's node, before its models load
-        if spec.threads:
-            torch.set_num_threads(int(spec.threads))
-        if spec.dtype is not None and spec.dtype not in _DTYPES:
-            raise FuseEvoError(f"run.dtype: {spec.dtype!r} is not one of {', '.join(_DTYPES)}")
-        t0 = time.perf_counter()
-        self.spec = spec
-        self.objectives = Objectives(spec.evaluator.objectives, prefix="evaluator.objectives")
-        self.pool = ModelPool(spec.base, spec.sources, allow_pickle=spec.allow_pickle,
-                              trust_remote_code=spec.trust_remote_code, base_name=spec.base_name)
-        self.engine = MergeEngine(self.pool, device=spec.device)
-        dtype = getattr(torch, spec.dtype) if spec.dtype else None
-        self.model = self.pool.new_model(dtype=dtype, device=self.engine.device)
-        tokenizer = self.pool.tokenizer()
-        if tokenizer is None:
-            raise FuseEvoError(f"models.base: {spec.base} has no tokenizer; the evaluator needs one")
-        self.router = None
-        if spec.dataflow is not None:
-            from ..merge.dataflow import build_router
-
-            self.router = build_router(self.pool, self.engine, self.model, spec.dataflow, dtype)
-        live = self.model if self.router is None else self.router.model
-        self.evaluator = Evaluator.from_config(live, tokenizer, spec.evaluator)
-        self.objectives.check_tasks(self.evaluator.metric_names())
-        self.name = f"{socket.gethostname()}:{os.getpid()}:{self.engine.device}"
-        self.build_seconds = time.perf_counter() - t0
-        log.info("worker %s ready in %.1f s (%d source models, %d tasks)", self.name, self.build_seconds,
-                 len(spec.sources), len(self.evaluator.task_names))
-
-    def run(self, job: Job) -> Result:
-        import torch
-
-        from ..evaluate.objectives import measure_costs
-        from ..recipe import Recipe
-
-        started = time.time()
-        t0 = time.perf_counter()
-        timings: dict[str, float] = {}
-        result = Result(job.candidate_id, "failed", worker=self.name, started=started)
-        try:
-            path = None
-            if job.recipe.get("method") == "dataflow":
-                from ..merge.dataflow import LayerPath
-
-                if self.router is None:
-                    raise FuseEvoError("a data-flow candidate reached a parameter-space worker")
-                path = LayerPath.from_dict(job.recipe)
-                model = self.router.route(path)
-            else:
-                self.engine.materialize(Recipe.from_dict(job.recipe), into=self.model)
-                model = self.model
-            timings["merge"] = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            scores = self.evaluator.score()
-            timings["score"] = time.perf_counter() - t1
-            timings.update({f"score.{k}": v for k, v in scores.timings.items()})
-            result.metrics = scores.flat()
-            costs = None
-            if any(o.cost for o in self.objectives):
-                costs = measure_costs(model, scores)
-                if path is not None:  # what the exported plain model holds: a copy of each step's layer
-                    from ..merge.dataflow import plain_parameter_count
-
-                    costs["params"] = float(plain_parameter_count(path, self.router.models))
-            result.objectives = self.objectives.values(scores, costs)
-            bad = [f"{n} = {v}" for n, v in result.objectives.items() if not math.isfinite(v)]
-            if bad:
-                result.error = f"non-finite objective: {', '.join(bad)}"
-            else:
-                result.status = "complete"
-        except Exception as e:  # a bad candidate fails alone; the search goes on
-            result.error = f"{type(e).__name__}: {e}".strip()
-            if isinstance(e, torch.OutOfMemoryError):  # the next candidate gets the memory back
-                torch.cuda.empty_cache()
-            log.debug("candidate %d failed:\n%s", job.candidate_id, traceback.format_exc())
-        timings["total"] = time.perf_counter() - t0
-        result.timings = timings
-        result.finished = time.time()
-        return result
+from ..errors import ConfigError
+from .worker import Job, Result, Worker, WorkerSpec
 
 
 class Scheduler(ABC):
@@ -256,13 +98,3 @@ def check_cluster(cluster: Any) -> None:
                           "use cluster=ray for more")
     if cluster.num_cpus is not None and cluster.address is not None:
         raise ConfigError("cluster.num_cpus: only for a local Ray (no cluster.address); a joined cluster has its own")
-
-
-def make_scheduler(spec: WorkerSpec, cluster: Any) -> Scheduler:
-    """The scheduler a ``cluster`` config names (checked by ``check_cluster``)."""
-    check_cluster(cluster)
-    if cluster.backend == "ray":
-        from .ray_scheduler import RayScheduler
-
-        return RayScheduler(spec, cluster)
-    return SerialScheduler(spec)

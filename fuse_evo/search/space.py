@@ -14,10 +14,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..config import SpaceConfig
 from ..errors import ConfigError, FuseEvoError
-from ..models import TensorGroup
-from ..recipe import GLOBAL_PARAMS, PER_MODEL_DEFAULTS, PER_MODEL_PARAMS, Recipe
-from .config import SpaceConfig
+from ..registry import GLOBAL_PARAMS, PER_MODEL_DEFAULTS, PER_MODEL_PARAMS
+from ..recipe import Recipe, TensorGroup
 
 SCOPES = ("group_model", "group", "model", "global")
 # global recipe parameters a space may search (the others are switches: normalize, rescale, ...)

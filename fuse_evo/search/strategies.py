@@ -1,6 +1,6 @@
 """Strategies: one small ask/tell interface over Nevergrad, Optuna, random and grid search.
 
-The only module that imports nevergrad or optuna. A strategy proposes genomes inside the
+The only module that imports nevergrad, and optuna's one home besides ``mirror.py`` (the dashboard view). A strategy proposes genomes inside the
 space's bounds (``ask``) and learns losses to minimize (``tell``). A strategy keeps no state
 that its history lacks: ``replay(asks, tells)`` brings a fresh, seeded strategy to where a
 run stopped from the archived asks and tells alone (the search's resume path), including the
@@ -29,7 +29,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from ..errors import ConfigError, FuseEvoError
-from .config import StrategyConfig
+from ..config import StrategyConfig
 from .space import SearchSpace, SpaceError
 
 _STATE_FORMAT = 1
@@ -40,7 +40,7 @@ class StrategyError(FuseEvoError):
 
 
 @dataclass(frozen=True, eq=False)
-class Candidate:
+class Proposal:
     """One proposed genome; ``id`` is unique within the strategy (0, 1, ... in the order asked)."""
 
     id: int
@@ -48,7 +48,7 @@ class Candidate:
 
 
 class Strategy(ABC):
-    """ask() -> Candidate; tell(candidate, losses | failed); state_dict() / load_state_dict().
+    """ask() -> Proposal; tell(candidate, losses | failed); state_dict() / load_state_dict().
 
     Losses are minimized, one per objective. A failed candidate (an exception, NaN or
     infinite losses) is told as a failure in the backend's own way and never stops the run.
@@ -67,19 +67,19 @@ class Strategy(ABC):
         self.n_told = 0
         self.max_in_flight: int | None = None  # candidates asked and not told at once (None: any number)
         self._next_id = 0
-        self._pending: dict[int, tuple[Candidate, Any]] = {}  # id -> (candidate, backend handle)
+        self._pending: dict[int, tuple[Proposal, Any]] = {}  # id -> (candidate, backend handle)
 
     # ------------------------------------------------------------------ the interface
-    def ask(self) -> Candidate:
+    def ask(self) -> Proposal:
         cid, genome, handle = self._ask()
         # backends' bound handling may land a rounding error outside: the space refuses that
         genome = np.clip(np.asarray(genome, dtype=np.float64), self.space.lower, self.space.upper)
-        candidate = Candidate(cid, genome)
+        candidate = Proposal(cid, genome)
         self._pending[cid] = (candidate, handle)
         self.n_asked += 1
         return candidate
 
-    def tell(self, candidate: Candidate, values: Sequence[float] | None = None, failed: bool = False) -> None:
+    def tell(self, candidate: Proposal, values: Sequence[float] | None = None, failed: bool = False) -> None:
         """Report a candidate's losses (to minimize), or that it failed. Non-finite losses
         count as a failure."""
         if candidate.id not in self._pending:
@@ -133,8 +133,8 @@ class Strategy(ABC):
                                                                           rtol=1e-9, atol=1e-12):
                 diverged += 1
                 handle = self._adopt(handle, expected)
-                candidate = Candidate(cid, expected)
-            self._pending[cid] = (Candidate(cid, candidate.genome), handle)
+                candidate = Proposal(cid, expected)
+            self._pending[cid] = (Proposal(cid, candidate.genome), handle)
             self._next_id = max(self._next_id, cid + 1)
         tell_up_to(len(tells))
         if told < len(tells):
@@ -160,7 +160,7 @@ class Strategy(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def pending(self) -> list[Candidate]:
+    def pending(self) -> list[Proposal]:
         """Candidates asked and not yet told (after a resume: the ones to re-dispatch)."""
         return [c for c, _ in self._pending.values()]
 
@@ -196,7 +196,7 @@ class Strategy(ABC):
         pending = {}
         for cid, genome in state["pending"]:
             try:
-                pending[cid] = Candidate(cid, self.space.validate(genome))
+                pending[cid] = Proposal(cid, self.space.validate(genome))
             except SpaceError as e:
                 raise StrategyError(f"checkpoint: pending candidate {cid}: {e}") from None
         handles = self._load(state["backend"])
@@ -464,66 +464,6 @@ class OptunaStrategy(Strategy):
         self.study = optuna.load_study(study_name=state["study_name"], storage=self._url or self._memory,
                                        sampler=state["sampler"])
         return state["trials"]
-
-
-class StudyMirror:
-    """Archived evaluations mirrored into an Optuna study in an RDB (the archive's database),
-    so ``optuna-dashboard URL`` shows any run, whatever its backend.
-
-    Each evaluation becomes a finished trial (``create_trial`` + ``add_trial``) with one
-    FloatDistribution per gene, named by the gene; failed ones are FAIL trials. A
-    single-objective run reports its scalar objective (maximized), a multi-objective one
-    each objective in its direction; the objective values, the recipe key and the archive's
-    trial number are user attributes. ``sync`` adds what the study misses (after a crash
-    between the archive's commit and the mirror's), so the mirror catches up on resume.
-    """
-
-    def __init__(self, url: str, study_name: str, space: SearchSpace, objectives: Sequence[tuple[str, str]] | None):
-        """``objectives``: (name, "max"|"min") per objective for a multi-objective study;
-        None for a single-objective one (the scalar, maximized)."""
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self._objectives = list(objectives) if objectives else None
-        directions = ([("maximize" if d == "max" else "minimize") for _, d in self._objectives]
-                      if self._objectives else ["maximize"])
-        self._distributions = {g.name: FloatDistribution(g.low, g.high) for g in space.genes}
-        self._names = space.names
-        self.study = optuna.create_study(storage=url, study_name=study_name, directions=directions,
-                                         load_if_exists=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # set_metric_names is experimental
-            self.study.set_metric_names([n for n, _ in self._objectives] if self._objectives else ["scalar"])
-        self._seen = {t.user_attrs.get("number") for t in self.study.get_trials(deepcopy=False)}
-
-    def _trial(self, t: Any) -> optuna.trial.FrozenTrial:
-        params = {n: min(max(float(x), self._distributions[n].low), self._distributions[n].high)
-                  for n, x in zip(self._names, t.genome)}
-        attrs = {"number": t.number, "candidate_id": t.candidate_id, "status": t.status, "recipe_key": t.recipe_key,
-                 "objectives": dict(t.objectives)}
-        if t.error:
-            attrs["error"] = t.error[:2000]
-        if t.duplicate_of is not None:
-            attrs["duplicate_of"] = t.duplicate_of
-        if t.scalar is None:
-            return optuna.trial.create_trial(state=TrialState.FAIL, params=params, distributions=self._distributions,
-                                             user_attrs=attrs)
-        values = [t.objectives[n] for n, _ in self._objectives] if self._objectives else [t.scalar]
-        return optuna.trial.create_trial(values=values, params=params, distributions=self._distributions,
-                                         user_attrs=attrs)
-
-    def add(self, trial: Any) -> None:
-        """Mirror one archived trial (an ``archive.Trial``), unless it is there already."""
-        if trial.number in self._seen:
-            return
-        self.study.add_trial(self._trial(trial))
-        self._seen.add(trial.number)
-
-    def sync(self, trials: Sequence[Any]) -> int:
-        """Mirror the archived trials the study misses; returns how many were added."""
-        missing = [t for t in trials if t.number not in self._seen]
-        if missing:
-            self.study.add_trials([self._trial(t) for t in missing])
-            self._seen.update(t.number for t in missing)
-        return len(missing)
 
 
 # ---------------------------------------------------------------------------- random search

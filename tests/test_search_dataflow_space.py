@@ -73,7 +73,8 @@ def test_bad_spaces_and_genomes():
 def test_path_evolution_mutates_only_scales_on_the_path_and_improves():
     from dataclasses import replace as dc_replace
 
-    from fuse_evo.search import StrategyConfig, make_strategy
+    from fuse_evo.config import StrategyConfig
+    from fuse_evo.search import make_strategy
 
     s = space(repeats=2)
     target = {("a", 1), ("b", 2)}
@@ -110,7 +111,8 @@ def test_path_evolution_mutates_only_scales_on_the_path_and_improves():
             best = min(best, loss(c.genome))
     assert best < loss(s.initial()) - 1.0
     with pytest.raises(ConfigError, match="path_es searches data-flow spaces"):
-        from fuse_evo.search import GeneConfig, SearchSpace, SpaceConfig
+        from fuse_evo.config import GeneConfig, SpaceConfig
+        from fuse_evo.search import SearchSpace
 
         ps = SearchSpace(SpaceConfig(method="task_arithmetic", models=["a"], num_layers=1,
                                      genes={"weight": GeneConfig(0.0, 1.0)}))

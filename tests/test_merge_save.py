@@ -21,7 +21,7 @@ from test_search_run import REPO
 _KILLER = """
 import os, shutil, signal, sys
 from pathlib import Path
-import fuse_evo.export as export
+import fuse_evo.merge.save as export
 from fuse_evo.cli import main
 how, config, out = sys.argv[1:4]
 

@@ -22,8 +22,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import FuseEvoError
-from .recipe import Recipe
+from ..errors import FuseEvoError
+from ..recipe import Recipe
 
 DEFAULT_SHARD_SIZE = "2GB"
 
@@ -33,7 +33,7 @@ def merge_config(recipe: Recipe, sources: Mapping[str, str]) -> dict[str, Any]:
     return {"sources": {name: str(path) for name, path in sources.items()}, "recipe": recipe.to_dict()}
 
 
-def _model_card(recipe: Recipe, sources: Mapping[str, str], scores: Mapping[str, float] | None) -> str:
+def model_card(recipe: Recipe, sources: Mapping[str, str], scores: Mapping[str, float] | None) -> str:
     lines = [
         "---",
         "library_name: transformers",
@@ -192,7 +192,7 @@ def save_merged(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(merge_config(recipe, sources), sort_keys=False))
-        (tmp / "README.md").write_text(_model_card(recipe, sources, scores))
+        (tmp / "README.md").write_text(model_card(recipe, sources, scores))
         default_permissions(tmp)
         replace_folder(tmp, out)
     except BaseException:

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import FuseEvoError
-from . import pareto
-from .archive import CONFIG_FILE, Archive, Trial, loss_points
+from ..search import pareto
+from ..search.archive import CONFIG_FILE, Archive, Trial, loss_points
+from . import plots
+from .heldout import HeldOutMerge, heldout_spread
 
 THRESHOLD = 0.95
 
@@ -94,9 +96,6 @@ def _common_root(runs: Sequence[Path]) -> Path:
 def compare_runs(paths: Sequence[str | Path], out: str | Path | None = None, heldout: bool = False,
                  device: str | None = None, front_heldout: int = 0) -> dict[str, Any]:
     """Compare the runs under ``paths``; returns what ``compare.json`` holds plus ``text``."""
-    from . import plots
-    from .export import LiveMerge, heldout_spread
-    from .plots import best_so_far
 
     runs = find_runs(paths)
     root = _common_root(runs)
@@ -128,7 +127,7 @@ def compare_runs(paths: Sequence[str | Path], out: str | Path | None = None, hel
         raise CompareError("no runs to compare")
     names = [k[0] for k in objective_keys]
     directions = {k[0]: k[3] for k in objective_keys}
-    curves = {r["run"]: best_so_far(histories[r["run"]]) for r in rows}
+    curves = {r["run"]: plots.best_so_far(histories[r["run"]]) for r in rows}
     top = max((r["best_scalar"] for r in rows if r["best_scalar"] is not None), default=None)
     threshold = THRESHOLD * top if top is not None and top > 0 else None
     for r in rows:
@@ -153,7 +152,7 @@ def compare_runs(paths: Sequence[str | Path], out: str | Path | None = None, hel
                 key = json.dumps([archive.info["sources"], archive.info.get("tasks")], sort_keys=True)
                 live = lives.get(key)
                 if live is None:
-                    live = lives[key] = LiveMerge(archive, device=device)
+                    live = lives[key] = HeldOutMerge(archive, device=device)
                     for source in live.sources:
                         live.load(live.source_recipe(source))
                         sources_rows.append({"model": source, **live.heldout()})

@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from fuse_evo.merge.run import merge_file
-from fuse_evo.mergekit_yaml import MergekitConfigError, parse, to_recipe
+from fuse_evo.merge.mergekit import MergekitConfigError, parse, to_recipe
 from fuse_evo.models import ModelPool
 from fuse_evo.recipe import Recipe
 

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 from fuse_evo.errors import ConfigError
-from fuse_evo.search import (
-    GeneConfig, GranularityConfig, SearchSpace, SpaceConfig, StrategyConfig, StrategyError, make_strategy,
-)
+from fuse_evo.config import GeneConfig, GranularityConfig, SpaceConfig, StrategyConfig
+from fuse_evo.search import SearchSpace, StrategyError, make_strategy
 
 BACKENDS = [
     ("nevergrad", "CMA"), ("nevergrad", "DE"), ("nevergrad", "TwoPointsDE"), ("nevergrad", "NGOpt"),

@@ -257,3 +257,17 @@ def test_impossible_subsets_and_paths_are_named(micro_zoo, kwargs, match):
     kwargs = {k: ({name: v["T"]} if isinstance(v, dict) and "T" in v else v) for k, v in kwargs.items()}
     kwargs.setdefault("include_path", micro_zoo["task_dir"])
     _fails_before_model_work(micro_zoo, match.replace("'T'", f"'{name}'"), [name], **kwargs)
+
+
+def test_the_lm_eval_internals_we_use_are_there():
+    """The evaluator's three lm-eval internals (no public equivalent): a release that moves or
+    reshapes them fails here by name, not deep inside a search."""
+    import inspect
+
+    from lm_eval.evaluator_utils import _process_results
+    from lm_eval.tasks._index import TaskIndex
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    assert {"bootstrap_iters"} <= set(inspect.signature(_process_results).parameters)
+    assert {"resolve_func", "recursive"} <= set(inspect.signature(load_yaml).parameters)
+    assert len(inspect.signature(TaskIndex.process_cfg).parameters) == 3

@@ -14,14 +14,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from fuse_evo import mergekit_yaml
+from fuse_evo.merge import mergekit
 from fuse_evo.cli import main
 from fuse_evo.models import ModelPool
 from fuse_evo.recipe import Recipe
 from fuse_evo.search.archive import Archive
 from fuse_evo.errors import FuseEvoError
-from fuse_evo.search.export import ExportError, export_run, pick_trial
-from fuse_evo.search.report import make_report
+from fuse_evo.results.export import ExportError, export_run, pick_trial
+from fuse_evo.results.report import make_report
 from fuse_evo.search.run import run_search
 
 from conftest import compose_command
@@ -117,7 +117,7 @@ def test_mergekit_yaml_parses_back_to_the_same_recipe(run_dir, exported, micro_z
     pool = ModelPool(sources["base"], {m: sources[m] for m in recipe.models})
     data = yaml.safe_load((exported / "mergekit.yaml").read_text())
     assert data["merge_method"] == "task_arithmetic"
-    back = mergekit_yaml.to_recipe(mergekit_yaml.parse(data), pool)
+    back = mergekit.to_recipe(mergekit.parse(data), pool)
     _same_merge(pool, recipe, back)
 
     # a ties recipe with per-layer values and a head of its own
@@ -126,14 +126,14 @@ def test_mergekit_yaml_parses_back_to_the_same_recipe(run_dir, exported, micro_z
         "layers.1": {recipe.models[0]: {"weight": 0.9, "density": 0.3}},
         "head": {recipe.models[1]: {"weight": 0.1}},
     })
-    mk = mergekit_yaml.recipe_to_mergekit(ties, sources, pool)
+    mk = mergekit.recipe_to_mergekit(ties, sources, pool)
     assert mk is not None and mk["merge_method"] == "ties"
-    _same_merge(pool, ties, mergekit_yaml.to_recipe(mergekit_yaml.parse(yaml.safe_load(yaml.safe_dump(mk))), pool))
+    _same_merge(pool, ties, mergekit.to_recipe(mergekit.parse(yaml.safe_load(yaml.safe_dump(mk))), pool))
 
     # attention and MLP halves of one layer that differ, or tensor: groups: not expressible
     split = Recipe("task_arithmetic", recipe.models, groups={
         "*": {m: {"weight": 0.5} for m in recipe.models}, "layers.0.mlp": {recipe.models[0]: {"weight": 1.0}}})
-    assert mergekit_yaml.recipe_to_mergekit(split, sources, pool) is None
+    assert mergekit.recipe_to_mergekit(split, sources, pool) is None
 
 
 def test_bad_picks_are_refused(run_dir, tmp_path, capsys):
@@ -215,7 +215,7 @@ def test_pick_empty_and_failed(tmp_path):
 
 
 def test_layer_coefficients_cover_embed_layers_norm_and_head():
-    from fuse_evo.search.report import layer_coefficients
+    from fuse_evo.results.report import layer_coefficients
 
     recipe = Recipe("task_arithmetic", ("a", "b"), groups={
         "*": {"a": {"weight": 0.1}, "b": {"weight": 0.2}},

@@ -22,7 +22,7 @@ from fuse_evo.errors import ConfigError, FuseEvoError
 from fuse_evo.search.archive import Archive
 from fuse_evo.search.ray_scheduler import RayScheduler, SchedulerError
 from fuse_evo.search.run import run_search
-from fuse_evo.search.scheduler import Worker
+from fuse_evo.search.worker import Worker
 
 from test_search_run import REPO, _count, check_archive, command, kill_and_resume, zoo_dir
 

@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .archive import Trial  # noqa: E402
+from ..search.archive import Trial  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:

@@ -15,15 +15,16 @@ merging are refused with a message, as is any method we do not implement.
 
 from __future__ import annotations
 
-from collections import Counter
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import FuseEvoError
-from .models import ModelPool
-from .recipe import GLOBAL_PARAMS, METHODS, PER_MODEL_DEFAULTS, PER_MODEL_PARAMS, Recipe
+from ..errors import FuseEvoError
+from ..models import ModelPool
+from ..recipe import Recipe
+from ..registry import GLOBAL_PARAMS, METHODS, PER_MODEL_DEFAULTS, PER_MODEL_PARAMS
 
 log = logging.getLogger(__name__)
 

@@ -1,24 +1,20 @@
-"""``fuse-evo export RUN_DIR --pick best|trial:N --out DIR``: a searched recipe as a model.
+"""``fuse-evo export RUN_DIR --pick best|trial:N|pareto[:K] --out DIR``: a searched recipe as a model.
 
 The chosen trial's recipe is materialized as ``fuse-evo merge`` does it (same pool, engine and
-dtype as the search's workers), scored on the held-out split, and written atomically as an
+dtype as the search's workers: a ``LiveMerge``), scored on the held-out split
+(``heldout.py``), and written atomically as an
 ordinary Hugging Face folder holding, beside the weights and the tokenizer:
 
 - ``recipe.yaml``: sources + recipe (``fuse-evo merge OUT/recipe.yaml --out DIR2`` rebuilds it);
 - ``scores.json``: the archived search scores and the held-out scores, with how each was made;
 - ``mergekit.yaml``: the same merge as a mergekit config, when mergekit can express it;
 - ``README.md``: a model card with the recipe, both scores and the run's provenance.
-
-Held-out scoring uses the run's evaluator tasks with each ``*_search`` task swapped for its
-``*_heldout`` counterpart when the run used zoo tasks (scored on the whole held-out split, as
-the zoo's own table is); otherwise the search tasks themselves, with the run's limits.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +22,13 @@ import yaml
 
 from ..device import check_device
 from ..errors import FuseEvoError
-from ..recipe import Recipe
-from . import pareto
-from .archive import Archive, Trial
+from ..merge import mergekit
+from ..merge.save import check_out, default_permissions, model_card, replace_folder, save_merged, staging_dir
+from ..merge.dataflow import plain_model
+from ..recipe import LayerPath, Recipe
+from ..search import pareto
+from ..search.archive import Archive, Trial
+from .heldout import HeldOutMerge
 
 SCORES_FILE = "scores.json"
 MERGEKIT_FILE = "mergekit.yaml"
@@ -71,168 +71,8 @@ def pick_trial(archive: Archive, pick: str) -> Trial:
     return trial
 
 
-# ---------------------------------------------------------------------------- held-out split
-@dataclass
-class HeldOut:
-    """How held-out scores are made: tasks, their include path, limits, and how each search
-    objective's metric maps onto a held-out task."""
-
-    tasks: list[str]
-    include_path: list[str]
-    limit: float | None
-    limits: dict[str, float | None]
-    num_fewshot: int | None
-    batch_size: int
-    rename: dict[str, str]  # search task -> held-out task
-    note: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"tasks": self.tasks, "include_path": self.include_path, "limit": self.limit,
-                "limits": self.limits, "num_fewshot": self.num_fewshot, "batch_size": self.batch_size,
-                "from_search_tasks": self.rename, "note": self.note}
-
-
-def heldout_plan(archive: Archive) -> HeldOut:
-    info, config = archive.info, archive.config
-    ev = config.get("evaluator") or {}
-    tasks = list(info.get("tasks") or ev.get("tasks") or [])
-    include = [str(p) for p in (info.get("include_path") or ev.get("include_path") or [])]
-    zoo_tasks = (info.get("zoo") or {}).get("task_dir")
-    rename: dict[str, str] = {}
-    if zoo_tasks:
-        for t in tasks:
-            if t.endswith("_search") and (Path(zoo_tasks) / f"{t[:-len('_search')]}_heldout.yaml").exists():
-                rename[t] = f"{t[:-len('_search')]}_heldout"
-    if rename:
-        return HeldOut([rename.get(t, t) for t in tasks], include, None, {}, ev.get("num_fewshot"),
-                       int(ev.get("batch_size") or 64), rename,
-                       "the zoo's held-out split (each *_search task's *_heldout counterpart), every document")
-    return HeldOut(tasks, include, ev.get("limit"), dict(ev.get("limits") or {}), ev.get("num_fewshot"),
-                   int(ev.get("batch_size") or 64), {t: t for t in tasks},
-                   "no held-out split known for these tasks: the search tasks, with the run's limits")
-
-
-def heldout_objectives(info: dict[str, Any], plan: HeldOut, metrics: dict[str, float]) -> dict[str, float]:
-    """Each metric objective of the run, read from the held-out task's metrics."""
-    from ..evaluate.objectives import parse_metric
-
-    out: dict[str, float] = {}
-    for o in info.get("objectives") or []:
-        if not o.get("metric"):
-            continue
-        task, metric = parse_metric(o["metric"], "objective")
-        key = f"{plan.rename.get(task, task)}/{metric}"
-        if key in metrics:
-            out[o["name"]] = metrics[key]
-    return out
-
-
-def scalar_of(info: dict[str, Any], objectives: dict[str, float]) -> float | None:
-    """The run's weighted sum (larger is better), when every objective has a value."""
-    total = 0.0
-    for o in info.get("objectives") or []:
-        if o["name"] not in objectives:
-            return None
-        total += float(o["weight"]) * (1.0 if o["direction"] == "max" else -1.0) * objectives[o["name"]]
-    return total
-
-
-# ---------------------------------------------------------------------------- a live merge
-class LiveMerge:
-    """The run's pool, engine and one live model, as the search's workers build them; an
-    evaluator on the held-out plan, built on first use. ``load(recipe)`` merges in place."""
-
-    def __init__(self, archive: Archive, device: str | None = None, allow_pickle: bool | None = None):
-        import torch
-
-        from ..merge.engine import MergeEngine
-        from ..models import ModelPool
-
-        info, config = archive.info, archive.config
-        self.info = info
-        run = config.get("run") or {}
-        models_cfg = config.get("models") or {}
-        base_name = info["base"]
-        self.sources = dict(info["sources"])
-        self.dtype = run.get("dtype")
-        if device is None:  # the run's device, which this machine may lack
-            check_device(run.get("device"), "the run's run.device", fix="pass --device cpu to export on this machine")
-        pickle_ok = bool(models_cfg.get("allow_pickle")) if allow_pickle is None else allow_pickle
-        self.pool = ModelPool(self.sources[base_name], {n: p for n, p in self.sources.items() if n != base_name},
-                              allow_pickle=pickle_ok, trust_remote_code=bool(models_cfg.get("trust_remote_code")),
-                              base_name=base_name)
-        self.engine = MergeEngine(self.pool, device=device if device is not None else run.get("device"))
-        self.model = self.pool.new_model(dtype=getattr(torch, self.dtype) if self.dtype else None,
-                                         device=self.engine.device)
-        self.tokenizer = self.pool.tokenizer()
-        self.plan = heldout_plan(archive)
-        self._evaluators: dict[int, Any] = {}
-        self.router = None
-        dataflow = info.get("dataflow")
-        if dataflow:  # its own live model for "merged", so self.model stays free for recipes
-            from ..merge.dataflow import build_router
-
-            dtype = getattr(torch, self.dtype) if self.dtype else None
-            merged = self.pool.new_model(dtype=dtype, device=self.engine.device) if dataflow.get("merged") else None
-            self.router = build_router(self.pool, self.engine, merged, dataflow, dtype)
-        self.live = self.model
-
-    def load(self, recipe: Any) -> None:
-        """Merge a Recipe into the live model, or route a LayerPath (data-flow runs)."""
-        from ..merge.dataflow import LayerPath
-
-        if isinstance(recipe, LayerPath):
-            if self.router is None:
-                raise ExportError("a layer path, but this run is not a data-flow search")
-            self.live = self.router.route(recipe)
-            return
-        self.engine.check(recipe)
-        self.engine.materialize(recipe, into=self.model)
-        self.live = self.model
-
-    def source_recipe(self, name: str) -> Recipe:
-        """A recipe whose merge is the model ``name`` itself (the base: every weight 0)."""
-        models = [n for n in self.sources if n != self.info["base"]]
-        if name == self.info["base"]:
-            return Recipe("task_arithmetic", (models[0],), base=name, groups={"*": {models[0]: {"weight": 0.0}}})
-        return Recipe("task_arithmetic", (name,), base=self.info["base"], groups={"*": {name: {"weight": 1.0}}})
-
-    def heldout(self) -> dict[str, Any]:
-        """Held-out metrics, objectives and scalar of the live model as it is now."""
-        from ..evaluate.evaluator import Evaluator
-
-        if self.tokenizer is None:
-            raise ExportError(f"{self.sources[self.info['base']]} has no tokenizer: held-out scoring needs one")
-        evaluator = self._evaluators.get(id(self.live))
-        if evaluator is None:  # one per live object: the merged model, the routed one
-            p = self.plan
-            evaluator = self._evaluators[id(self.live)] = Evaluator(
-                self.live, self.tokenizer, p.tasks, include_path=p.include_path or None, limit=p.limit,
-                limits={k: v for k, v in p.limits.items() if k in p.tasks}, num_fewshot=p.num_fewshot,
-                batch_size=p.batch_size)
-        metrics = evaluator.score().flat()
-        objectives = heldout_objectives(self.info, self.plan, metrics)
-        return {"metrics": metrics, "objectives": objectives, "scalar": scalar_of(self.info, objectives)}
-
-
-def heldout_spread(live: LiveMerge, front: list[Trial], directions: dict[str, str], k: int
-                   ) -> list[tuple[Trial, dict[str, float]]]:
-    """``k`` members spread over a front (``pareto.spread``), each scored on the held-out
-    split: ``[(trial, held-out objectives)]``."""
-    if not front or k < 1:
-        return []
-    losses = [pareto.to_losses(t.objectives, directions) for t in front]
-    scored = []
-    for i in pareto.spread(losses, k):
-        live.load(front[i].to_recipe())
-        scored.append((front[i], live.heldout()["objectives"]))
-    return scored
-
-
 # ---------------------------------------------------------------------------- export
 def _model_card(recipe: Recipe, sources: dict[str, str], scores: dict[str, Any], provenance: dict[str, Any]) -> str:
-    from ..export import _model_card as base_card
-
     flat = {f"search {k}": v for k, v in scores["search"]["objectives"].items()}
     if scores["search"].get("scalar") is not None:
         flat["search scalar"] = scores["search"]["scalar"]
@@ -240,7 +80,7 @@ def _model_card(recipe: Recipe, sources: dict[str, str], scores: dict[str, Any],
     flat.update({f"held-out {k}": v for k, v in (held.get("objectives") or {}).items()})
     if held.get("scalar") is not None:
         flat["held-out scalar"] = held["scalar"]
-    card = base_card(recipe, sources, flat)
+    card = model_card(recipe, sources, flat)
     lines = ["## Provenance", ""]
     lines += [f"- {k}: `{v}`" for k, v in provenance.items()]
     if held:
@@ -252,12 +92,10 @@ def _model_card(recipe: Recipe, sources: dict[str, str], scores: dict[str, Any],
 PATH_FILE = "path.yaml"
 
 
-def _save_path_model(live: LiveMerge, path: Any, info: dict[str, Any], folder: Path, max_shard_size: str) -> Path:
+def _save_path_model(live: HeldOutMerge, path: Any, info: dict[str, Any], folder: Path, max_shard_size: str) -> Path:
     """A data-flow candidate as an ordinary model (scales folded into copies of its layers),
     its tokenizer, and ``path.yaml``: the path, the models it runs through, the hybrid's
     merged recipe."""
-    from ..merge.dataflow import plain_model
-
     model = plain_model(path, live.router.models).cpu()
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     if live.tokenizer is not None:
@@ -309,14 +147,10 @@ def pick_front(archive: Archive, pick: str) -> list[Trial] | None:
     return sorted((front[i] for i in chosen), key=lambda t: pareto.to_losses(t.objectives, directions))
 
 
-def _write_trial(archive: Archive, run_dir: Path, live: LiveMerge, trial: Trial, folder: Path, heldout: bool,
+def _write_trial(archive: Archive, run_dir: Path, live: HeldOutMerge, trial: Trial, folder: Path, heldout: bool,
                  max_shard_size: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """One trial's merge as a model folder (weights, tokenizer, recipe.yaml or path.yaml,
     scores.json, mergekit.yaml when mergekit can express it, a card); returns its scores."""
-    from .. import mergekit_yaml
-    from ..export import save_merged
-    from ..merge.dataflow import LayerPath
-
     recipe = trial.to_recipe()
     live.load(recipe)
     info, config = archive.info, archive.config
@@ -336,7 +170,7 @@ def _write_trial(archive: Archive, run_dir: Path, live: LiveMerge, trial: Trial,
         "evaluations": archive.count(), "zoo": (info.get("zoo") or {}).get("dir"), **(extra or {}),
     }
     is_path = isinstance(recipe, LayerPath)
-    mk = None if is_path else mergekit_yaml.recipe_to_mergekit(recipe, live.sources, live.pool, dtype=live.dtype)
+    mk = None if is_path else mergekit.recipe_to_mergekit(recipe, live.sources, live.pool, dtype=live.dtype)
     sources = live.sources if is_path else {n: live.sources[n] for n in (recipe.base, *recipe.models)}
     if is_path:
         _save_path_model(live, recipe, info, folder, max_shard_size)
@@ -404,8 +238,6 @@ def export_run(
     """Export one trial (``best``, ``trial:N``) as a model folder at ``out``, or Pareto front
     members (``pareto``, ``pareto:K``) as ``out/trial_N/`` folders with ``front.json`` and a
     README table. Written in a staging folder and moved into place when complete."""
-    from ..export import check_out, default_permissions, replace_folder, staging_dir
-
     run_dir = Path(run_dir).expanduser().resolve()
     out = Path(out).expanduser().resolve()
     check_out(out, overwrite, ExportError)
@@ -413,7 +245,7 @@ def export_run(
     with Archive.open(run_dir) as archive:
         front = pick_front(archive, pick)
         trials = front if front is not None else [pick_trial(archive, pick)]
-        live = LiveMerge(archive, device=device)
+        live = HeldOutMerge(archive, device=device)
         staging = staging_dir(out, ExportError)
         try:
             if front is None:

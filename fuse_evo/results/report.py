@@ -3,7 +3,7 @@
 - ``summary.json``: evaluations completed, failed, deduplicated, the budget, the best trial
   and its search and held-out scores, and the held-out table's rows;
 - ``summary.md``: the table (also printed): the best recipe vs every source model (and the
-  base) vs the best uniform merge, on the held-out split (``fuse_evo.search.export``'s plan);
+  base) vs the best uniform merge, on the held-out split (``results.heldout``'s plan);
   the uniform merge comes from the zoo's ``zoo.json`` when the run used a zoo, else it is
   left out with a note; each ``--baseline RUN_DIR`` (another search over the same models
   with the same objectives, e.g. ``experiment=quickstart_uniform``: one global scale
@@ -17,7 +17,7 @@
   evaluation, against the run's reference point), ``front_heatmap.png`` (each member's
   coefficients), and a front table with K members scored on the held-out split.
 
-``summary.md`` embeds the figures. Several runs at once: ``fuse_evo.search.compare``.
+``summary.md`` embeds the figures. Several runs at once: ``results.compare``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FuseEvoError
-from . import pareto
-from .archive import Archive, Trial, scored
-from .export import LiveMerge, heldout_plan, heldout_spread
+from ..evaluate.objectives import scalar_of
+from ..registry import PER_MODEL_PARAMS
+from ..recipe import TensorGroup
+from ..search import pareto
+from ..search.archive import CONFIG_FILE, Archive, Trial, scored
+from . import plots
+from .compare import compare_runs
+from .heldout import HeldOutMerge, heldout_plan, heldout_spread
 
 REPORT_DIR = "report"
 
@@ -50,9 +55,6 @@ def layer_coefficients(recipe, num_layers: int) -> tuple[list[str], dict[str, li
     """Positions (``embed``, ``0`` .. ``L-1``, ``norm``, ``head``) and a series per source model
     and parameter over them, ``{"MODEL weight": [...]}`` (the attention half of each layer;
     the MLP half as its own series where it differs)."""
-    from ..models import TensorGroup
-    from ..recipe import PER_MODEL_PARAMS
-
     labels = ["embed", *map(str, range(num_layers)), "norm", "head"]
     series: dict[str, list[float]] = {}
     keys = PER_MODEL_PARAMS.get(recipe.method) or ()
@@ -147,7 +149,7 @@ def open_baselines(run_dir: Path, info: dict[str, Any], baselines: list[str | Pa
     return found
 
 
-def _pareto_section(archive: Archive, trials: list[Trial], out: Path, live: LiveMerge | None, front_heldout: int,
+def _pareto_section(archive: Archive, trials: list[Trial], out: Path, live: HeldOutMerge | None, front_heldout: int,
                     num_layers: int, plots: Any) -> tuple[dict[str, Any], list[str]]:
     """A run of several objectives: its front (and K spread members scored held-out), the
     hypervolume over evaluations, the front plot and the front's coefficient heatmap."""
@@ -211,8 +213,6 @@ def _pareto_section(archive: Archive, trials: list[Trial], out: Path, live: Live
 
 def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = None,
                 baselines: list[str | Path] = (), front_heldout: int = 8) -> dict[str, Any]:
-    from . import plots
-    from .export import scalar_of
 
     run_dir = Path(run_dir).expanduser().resolve()
     out = run_dir / REPORT_DIR
@@ -237,7 +237,7 @@ def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = 
         else:
             summary["best"] = {"trial": best.number, "recipe_key": best.recipe_key, "scalar": best.scalar,
                                "objectives": best.objectives, "metrics": best.metrics, "recipe": best.recipe}
-            live = LiveMerge(archive, device=device) if heldout else None
+            live = HeldOutMerge(archive, device=device) if heldout else None
             num_layers = live.pool.num_layers if live is not None else _num_layers(info)
             chosen = best.to_recipe()
             if chosen.method == "dataflow":
@@ -326,7 +326,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="comparisons: where compare.md goes (default: the runs' common folder /report)")
     args = parser.parse_args(argv)
-    from .archive import CONFIG_FILE
 
     if len(args.run_dir) == 1 and (args.run_dir[0] / CONFIG_FILE).is_file():
         if args.out is not None:
@@ -338,7 +337,6 @@ def main(argv: list[str]) -> int:
         return 0
     if args.baseline:
         raise ReportError("--baseline: for a single run's report; a comparison puts every run in its table")
-    from .compare import compare_runs
 
     summary = compare_runs(args.run_dir, out=args.out, heldout=args.heldout, device=args.device,
                            front_heldout=args.front_heldout)

@@ -1,0 +1,152 @@
+"""The worker: what one device runs for the whole search.
+
+A ``Worker`` holds a LiveMerge (the source tensors resident in a MergeEngine, one live model
+merged into in place, a router for data-flow runs) and an Evaluator whose lm-eval requests
+were built once on that live model. ``Worker.run(job)`` never raises for a bad candidate: an
+exception in the merge or the evaluation, or a non-finite objective, comes back as a
+``failed`` result with the error text. It is built from a ``WorkerSpec``: plain, picklable
+data, so a Ray actor on another node builds the same worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import EvaluatorConfig
+from ..errors import FuseEvoError
+from ..recipe import Candidate, LayerPath
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker builds itself from: plain data, so a remote actor can get it."""
+
+    base: str
+    sources: dict[str, str]
+    evaluator: EvaluatorConfig
+    base_name: str = "base"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    device: str | None = None
+    dtype: str | None = None
+    threads: int | None = None
+    # data-flow searches: {"io_model", "models" (names laid out), "initial" (a LayerPath dict),
+    # "merged" (a Recipe dict materialized as the model "merged", or None)}
+    dataflow: dict[str, Any] | None = None
+
+
+@dataclass
+class Job:
+    """One candidate to score: its strategy id and the candidate (a Recipe or a LayerPath:
+    plain, picklable data)."""
+
+    candidate_id: int
+    candidate: Candidate
+
+    @property
+    def key(self) -> str:
+        return self.candidate.key
+
+
+@dataclass
+class Result:
+    """A scored (``complete``) or ``failed`` job. ``objectives``: objective name -> value in
+    its own units; ``metrics``: every numeric metric (``task/metric,filter``)."""
+
+    candidate_id: int
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    objectives: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    worker: str = ""
+    started: float = 0.0
+    finished: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    attempts: int = 1  # > 1: its worker died and it was retried on a restarted one
+
+
+class Worker:
+    """Engine, live model and evaluator for one device; ``run(job)`` scores one recipe.
+
+    Building it loads the models (refusing models that cannot be merged, naming them),
+    builds the evaluator (refusing unknown tasks) and checks that every objective names an
+    evaluated task and metric: all before the first evaluation.
+    """
+
+    def __init__(self, spec: WorkerSpec):
+        # torch, lm-eval and the models are imported where a worker is built (a Ray driver
+        # never builds one)
+        import torch
+
+        from ..device import check_device
+        from ..evaluate.evaluator import Evaluator
+        from ..evaluate.objectives import Objectives
+        from ..merge.live import LiveMerge, torch_dtype
+        from ..models import ModelPool
+
+        check_device(spec.device, "run.device")  # on this worker's node, before its models load
+        if spec.threads:
+            torch.set_num_threads(int(spec.threads))
+        torch_dtype(spec.dtype, "run.dtype")
+        t0 = time.perf_counter()
+        self.spec = spec
+        self.objectives = Objectives(spec.evaluator.objectives, prefix="evaluator.objectives")
+        pool = ModelPool(spec.base, spec.sources, allow_pickle=spec.allow_pickle,
+                         trust_remote_code=spec.trust_remote_code, base_name=spec.base_name)
+        self.merge = LiveMerge(pool, device=spec.device, dtype=spec.dtype, dataflow=spec.dataflow, route_only=True)
+        if self.merge.tokenizer is None:
+            raise FuseEvoError(f"models.base: {spec.base} has no tokenizer; the evaluator needs one")
+        self.evaluator = Evaluator.from_config(self.merge.live, self.merge.tokenizer, spec.evaluator)
+        self.objectives.check_tasks(self.evaluator.metric_names())
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{self.merge.device}"
+        self.build_seconds = time.perf_counter() - t0
+        log.info("worker %s ready in %.1f s (%d source models, %d tasks)", self.name, self.build_seconds,
+                 len(spec.sources), len(self.evaluator.task_names))
+
+    def run(self, job: Job) -> Result:
+        import torch
+
+        from ..evaluate.objectives import measure_costs
+        from ..merge.dataflow import plain_parameter_count
+
+        started = time.time()
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        result = Result(job.candidate_id, "failed", worker=self.name, started=started)
+        try:
+            model = self.merge.load(job.candidate)
+            timings["merge"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            scores = self.evaluator.score()
+            timings["score"] = time.perf_counter() - t1
+            timings.update({f"score.{k}": v for k, v in scores.timings.items()})
+            result.metrics = scores.flat()
+            costs = None
+            if any(o.cost for o in self.objectives):
+                costs = measure_costs(model, scores)
+                if isinstance(job.candidate, LayerPath):  # what the exported plain model holds: a copy of each step's layer
+                    costs["params"] = float(plain_parameter_count(job.candidate, self.merge.router.models))
+            result.objectives = self.objectives.values(scores, costs)
+            bad = [f"{n} = {v}" for n, v in result.objectives.items() if not math.isfinite(v)]
+            if bad:
+                result.error = f"non-finite objective: {', '.join(bad)}"
+            else:
+                result.status = "complete"
+        except Exception as e:  # a bad candidate fails alone; the search goes on
+            result.error = f"{type(e).__name__}: {e}".strip()
+            if isinstance(e, torch.OutOfMemoryError):  # the next candidate gets the memory back
+                torch.cuda.empty_cache()
+            log.debug("candidate %d failed:\n%s", job.candidate_id, traceback.format_exc())
+        timings["total"] = time.perf_counter() - t0
+        result.timings = timings
+        result.finished = time.time()
+        return result
