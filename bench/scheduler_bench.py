@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fuse_evo.search.archive import Archive  # noqa: E402
-from fuse_evo.search.scheduler import SerialScheduler
+from fuse_evo.search.scheduler import SerialScheduler  # noqa: E402
 from fuse_evo.search.worker import Job, Result, Worker  # noqa: E402
 
 
@@ -181,7 +181,7 @@ def main() -> int:
         probe = None
         if args.sources_probe:
             cmd = compose(base + [f"run.dir={workdir / 'probe'}"])
-            from fuse_evo.search.run import resolve_models
+            from fuse_evo.search.plan import resolve_models
 
             if args.probe_models:
                 folders = [str(p) for p in args.probe_models]

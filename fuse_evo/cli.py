@@ -7,7 +7,6 @@ overrides, ``--cfg job``, ``--help`` and (later) ``-m`` multirun work as Hydra u
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -90,57 +89,20 @@ COMMANDS: dict[str, tuple[str, Callable[[DictConfig], None], str]] = {
     "zoo": ("zoo", _zoo, "build (or reuse) the offline model zoo and print its score table"),
     "search": ("search", _search, "evolve merge coefficients (experiment=NAME); the same command resumes"),
 }
-# commands with plain flags (their arguments are files and folders, not a composed config)
-FLAG_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "merge": (lambda argv: _merge(argv), "merge models from a recipe or a mergekit YAML into an HF folder"),
-    "eval": (lambda argv: _eval(argv), "score an HF model folder with lm-eval tasks (the search's evaluator)"),
-    "export": (lambda argv: _export(argv), "write a searched recipe (best or trial:N) as an HF folder with its scores"),
-    "report": (lambda argv: _report(argv), "summarize a search: held-out table, convergence and coefficient plots"),
+# commands with plain flags (their arguments are files and folders, not a composed config):
+# the module whose ``main(argv)`` parses them, imported when the command runs
+FLAG_COMMANDS: dict[str, tuple[str, str]] = {
+    "merge": ("fuse_evo.merge.run", "merge models from a recipe or a mergekit YAML into an HF folder"),
+    "eval": ("fuse_evo.evaluate.run", "score an HF model folder with lm-eval tasks (the search's evaluator)"),
+    "export": ("fuse_evo.results.export", "write a searched recipe (best or trial:N) as an HF folder with its scores"),
+    "report": ("fuse_evo.results.report", "summarize a search: held-out table, convergence and coefficient plots"),
 }
 
 
-def _export(argv: list[str]) -> int:
-    from .results.export import main as export_main
+def _flag_command(name: str, argv: list[str]) -> int:
+    from importlib import import_module
 
-    return export_main(argv)
-
-
-def _report(argv: list[str]) -> int:
-    from .results.report import main as report_main
-
-    return report_main(argv)
-
-
-def _eval(argv: list[str]) -> int:
-    from .evaluate.run import main as eval_main
-
-    return eval_main(argv)
-
-
-def _merge(argv: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="fuse-evo merge",
-        description="Materialize a merge into a Hugging Face folder. CONFIG is a fuse_evo merge "
-        "file (the recipe.yaml of an export: sources + recipe) or a mergekit YAML config.",
-    )
-    parser.add_argument("config", type=Path)
-    parser.add_argument("--out", required=True, type=Path, help="output model folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--allow-pickle", action="store_true", help="also read pickled .bin checkpoints (runs their code)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--max-shard-size", default="2GB")
-    args = parser.parse_args(argv)
-    from .device import check_device
-    from .merge.run import merge_file
-
-    check_device(args.device, "--device")
-
-    out = merge_file(args.config, args.out, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
-                     device=args.device, max_shard_size=args.max_shard_size)
-    print(f"merged model written to {out}")
-    return 0
+    return import_module(FLAG_COMMANDS[name][0]).main(argv)
 
 
 def _usage() -> str:
@@ -172,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command in FLAG_COMMANDS:
         try:
-            return FLAG_COMMANDS[command][0](rest)
+            return _flag_command(command, rest)
         except FuseEvoError as e:
             print(f"fuse-evo: error: {e}", file=sys.stderr)
             return 2

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from ..device import check_device
 from ..errors import FuseEvoError
+from ..files import atomic_write
 
 
 def load_model(ref: str | Path, device: str | None = None):
@@ -96,9 +97,7 @@ def evaluate_folder(
                         "score_seconds": round(scores.seconds, 3), "tokens": scores.tokens}
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(to_json(report))
-        os.replace(tmp, out)
+        atomic_write(out, to_json(report))
     return report
 
 

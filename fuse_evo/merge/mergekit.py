@@ -24,7 +24,10 @@ from typing import Any, Mapping
 from ..errors import FuseEvoError
 from ..models import ModelPool
 from ..recipe import Recipe
-from ..registry import GLOBAL_PARAMS, METHODS, PER_MODEL_DEFAULTS, PER_MODEL_PARAMS
+from ..registry import GLOBAL_PARAMS, PER_MODEL_DEFAULTS, PER_MODEL_PARAMS, SPECS, spec
+
+# mergekit's merge_method names -> ours (the registry's MethodSpec.mergekit)
+_FROM_MERGEKIT = {s.mergekit: name for name, s in SPECS.items() if s.mergekit}
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +69,11 @@ def parse(data: Mapping[str, Any], relative_to: Path | None = None) -> MergekitC
         if data.get(key):
             raise MergekitConfigError(f"{key}: layer stacking (frankenmerges) is not supported; list the models "
                                       "to merge under 'models:' (fuse-evo's data-flow search stacks layers)")
-    method = data.get("merge_method")
-    if method not in METHODS:
-        raise MergekitConfigError(f"merge_method: {method!r} is not supported; supported: {', '.join(METHODS)}")
+    named = data.get("merge_method")
+    method = _FROM_MERGEKIT.get(named) if isinstance(named, str) else None
+    if method is None:
+        raise MergekitConfigError(f"merge_method: {named!r} is not supported; supported: "
+                                  f"{', '.join(_FROM_MERGEKIT)}")
     if data.get("tokenizer_source") not in (None, "base") or data.get("tokenizer"):
         raise MergekitConfigError("tokenizer_source/tokenizer: models must share the base's vocabulary")
     entries = data.get("models") or []
@@ -277,7 +282,8 @@ def recipe_to_mergekit(
             parameters["t"] = setting("*", "t")
     except _NotExpressible:
         return None
-    config: dict[str, Any] = {"merge_method": recipe.method, "base_model": refs[recipe.base], "models": models}
+    config: dict[str, Any] = {"merge_method": spec(recipe.method).mergekit, "base_model": refs[recipe.base],
+                              "models": models}
     if parameters:
         config["parameters"] = parameters
     if dtype:

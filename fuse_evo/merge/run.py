@@ -9,26 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import FuseEvoError
+from ..files import read_yaml_mapping
 from ..models import ModelPool, PickledWeights
 from ..recipe import Recipe
 from . import mergekit
 from .live import LiveMerge, torch_dtype
 from .save import check_out, save_merged
-
-
-def read_merge_file(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise FuseEvoError(f"merge config {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise FuseEvoError(f"merge config {path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise FuseEvoError(f"merge config {path}: expected a mapping at the top level")
-    return data
 
 
 def _local(ref: Any, here: Path) -> str:
@@ -50,7 +37,7 @@ def merge_file(
 ) -> Path:
     out = Path(out).expanduser().resolve()
     check_out(out, overwrite)
-    data = read_merge_file(config)
+    data = read_yaml_mapping(config, f"merge config {config}")
     here = Path(config).resolve().parent
     if "merge_method" in data:
         mk = mergekit.parse(data, relative_to=here)
@@ -80,3 +67,28 @@ def merge_file(
     model = live.load(recipe)
     return save_merged(model.cpu(), live.tokenizer, out, recipe, sources,
                        max_shard_size=max_shard_size, overwrite=overwrite)
+
+
+def main(argv: list[str]) -> int:
+    """``fuse-evo merge CONFIG --out DIR [...]``."""
+    import argparse
+
+    from ..device import check_device
+
+    parser = argparse.ArgumentParser(
+        prog="fuse-evo merge",
+        description="Materialize a merge into a Hugging Face folder. CONFIG is a fuse_evo merge "
+        "file (the recipe.yaml of an export: sources + recipe) or a mergekit YAML config.",
+    )
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="output model folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--allow-pickle", action="store_true", help="also read pickled .bin checkpoints (runs their code)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--max-shard-size", default="2GB")
+    args = parser.parse_args(argv)
+    check_device(args.device, "--device")
+    out = merge_file(args.config, args.out, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+                     device=args.device, max_shard_size=args.max_shard_size)
+    print(f"merged model written to {out}")
+    return 0

@@ -23,14 +23,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from ..errors import FuseEvoError
+from ..files import atomic_write
 from ..evaluate.objectives import scalar_of
 from ..registry import PER_MODEL_PARAMS
-from ..recipe import TensorGroup
+from ..recipe import LayerPath, TensorGroup
 from ..search import pareto
 from ..search.archive import CONFIG_FILE, Archive, Trial, scored
 from . import plots
@@ -38,12 +38,6 @@ from .compare import compare_runs
 from .heldout import HeldOutMerge, heldout_plan, heldout_spread
 
 REPORT_DIR = "report"
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def counts(archive: Archive) -> dict[str, int]:
@@ -132,7 +126,7 @@ def open_baselines(run_dir: Path, info: dict[str, Any], baselines: list[str | Pa
                                   f"not among its base {info['base']!r} and sources {info['sources']})")
             candidate = best.to_recipe()
             routable = set((info.get("dataflow") or {}).get("models") or [])
-            if candidate.method == "dataflow" and not set(candidate.models) <= routable:
+            if isinstance(candidate, LayerPath) and not set(candidate.models) <= routable:
                 raise ReportError(f"--baseline {b}: its best is a layer path through {list(candidate.models)}; this "
                                   f"run routes through {sorted(routable) or 'no models (not a data-flow run)'}")
             if "merged" in getattr(candidate, "models", ()) and \
@@ -187,7 +181,7 @@ def _pareto_section(archive: Archive, trials: list[Trial], out: Path, live: Held
         figures.append(("Hypervolume over evaluations", "hypervolume.png"))
     recipes = [(f"trial {t.number}", t.to_recipe()) for t in
                sorted(front, key=lambda t: pareto.to_losses(t.objectives, directions))]
-    rows = [(label, layer_coefficients(r, num_layers)[1]) for label, r in recipes if r.method != "dataflow"]
+    rows = [(label, layer_coefficients(r, num_layers)[1]) for label, r in recipes if not isinstance(r, LayerPath)]
     if rows and any(series for _, series in rows):
         plots.coefficient_heatmaps(layer_coefficients(recipes[0][1], num_layers)[0], rows,
                                    f"front members' coefficients (sorted by {names[0]})", out / "front_heatmap.png")
@@ -240,7 +234,7 @@ def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = 
             live = HeldOutMerge(archive, device=device) if heldout else None
             num_layers = live.pool.num_layers if live is not None else _num_layers(info)
             chosen = best.to_recipe()
-            if chosen.method == "dataflow":
+            if isinstance(chosen, LayerPath):
                 plots.path_plot(chosen, f"best path (trial {best.number}, {len(chosen.steps)} layers)",
                                 out / "path.png")
                 figures.append(("Best path", "path.png"))
@@ -287,8 +281,8 @@ def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = 
         text.append("")
     text += ["## Held-out", "", table, ""] + [f"- {n}" for n in summary["notes"]]
     text += ["", *pareto_text, "## Figures", ""] + [f"![{title}]({png})" for title, png in figures]
-    _atomic_text(out / "summary.md", "\n".join(text) + "\n")
-    _atomic_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+    atomic_write(out / "summary.md", "\n".join(text) + "\n")
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
     summary["text"] = "\n".join(text)
     return summary
 

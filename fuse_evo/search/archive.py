@@ -36,6 +36,7 @@ import sqlalchemy as sa
 import yaml
 
 from ..errors import FuseEvoError
+from ..files import read_yaml_mapping
 from ..evaluate.objectives import default_reference
 from ..recipe import Candidate, candidate_from_dict
 from . import pareto
@@ -494,13 +495,7 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise ArchiveError(f"{Path(run_dir)} is not a search run directory (no {CONFIG_FILE})")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ArchiveError(f"{path}: not readable YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ArchiveError(f"{path}: expected a mapping")
-    return data
+    return read_yaml_mapping(path, str(path), ArchiveError)
 
 
 def _db_error(url: str, e: Exception, what: str) -> ArchiveError:

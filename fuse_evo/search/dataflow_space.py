@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import DataFlowSpaceConfig
 from ..errors import ConfigError
-from ..recipe import LayerPath
+from ..recipe import DATAFLOW, LayerPath
 from .space import Gene, GenomeSpace, SpaceError
 
 THRESHOLD = 0.5
@@ -30,7 +30,7 @@ THRESHOLD = 0.5
 class DataFlowSpace(GenomeSpace):
     """Inclusion genes ``slot.R.MODEL.LAYER`` then scale genes ``scale.FROM.TO``."""
 
-    method = "dataflow"
+    method = DATAFLOW
 
     def __init__(self, config: DataFlowSpaceConfig, model_config: Mapping[str, Any] | None = None):
         self.config = config

@@ -19,7 +19,7 @@ from ..config import RESUME_SAFE, ClusterConfig, DataFlowSpaceConfig, ModelsConf
 from ..device import check_device
 from ..errors import ConfigError, FuseEvoError
 from ..evaluate.objectives import Objectives
-from ..recipe import DataFlowError, is_path
+from ..recipe import DATAFLOW, DataFlowError, is_path
 from .archive import Archive
 from .dataflow_space import DataFlowSpace
 from .scheduler import check_cluster
@@ -154,7 +154,7 @@ def make_plan(cmd: SearchCommand, run_id: str, cluster: ClusterConfig, stored: d
     if unknown:
         raise ConfigError(f"space.models: {unknown} are not source models (models: {list(models.sources)})")
     dataflow = None
-    if space_cfg.method == "dataflow":
+    if space_cfg.method == DATAFLOW:
         space, dataflow = _dataflow_space(cmd, space_cfg, models)
     else:
         space = SearchSpace(space_cfg, base_config(models.base))

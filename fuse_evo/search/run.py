@@ -1,9 +1,10 @@
-"""``fuse-evo search``: the single-machine search loop, with checkpoints and resume.
+"""``fuse-evo search``: the search loop, with checkpoints and resume.
 
-ask -> decode -> (a recipe scored before: tell its result) -> materialize + evaluate on a
-worker -> objectives -> archive commit -> tell -> strategy state written atomically.
+plan (``plan.py``: the config judged and resolved once) -> ask -> decode -> (a recipe scored
+before: tell its result) -> materialize + evaluate on a worker (``worker.py``, through a
+scheduler) -> objectives -> archive commit -> tell -> strategy cache written atomically.
 
-The run directory ``run.dir`` holds
+The run directory ``run.dir`` (``rundir.py``) holds
 
 - ``config.yaml``: the resolved config (with ``run.id``, the run's id in the database);
 - ``archive.db``: the SQLite archive (``fuse_evo.search.archive``; absent with ``run.db_url``),
@@ -41,12 +42,13 @@ from typing import Any
 
 from ..config import SearchCommand, compose
 from ..errors import ConfigError, FuseEvoError
-from ..recipe import Candidate
+from ..files import atomic_write
+from ..recipe import DATAFLOW, Candidate
 from .archive import CONFIG_FILE, Archive, Trial, default_url, schema_lock
 from .mirror import StudyMirror
 from .pareto import Front
 from .plan import check_plan, command_yaml, make_plan
-from .rundir import (LOG_FILE, OUR_FILES, STAGES_DIR, STRATEGY_FILE, LogTo, RunDirError, atomic_write, load_cache,
+from .rundir import (LOG_FILE, OUR_FILES, STAGES_DIR, STRATEGY_FILE, LogTo, RunDirError, load_cache,
                      lock, prepare_run_dir, save_cache, trial_log)
 from .scheduler import Scheduler, SerialScheduler
 from .space import SpaceError
@@ -429,7 +431,7 @@ def run_first_stage(cmd: SearchCommand, scheduler_factory=None) -> SearchCommand
     """A hybrid search's parameter-space stage (``space.dataflow.merge_stage``: an experiment)
     run, resumed, or found finished in ``RUN_DIR/stages/NAME`` on the same models, seed and
     cluster; returns ``cmd`` with that directory as ``merged_from``."""
-    df = cmd.space.dataflow if cmd.space.method == "dataflow" else None
+    df = cmd.space.dataflow if cmd.space.method == DATAFLOW else None
     if df is None or not df.merge_stage:
         return cmd
     if df.merged_from:
@@ -439,7 +441,7 @@ def run_first_stage(cmd: SearchCommand, scheduler_factory=None) -> SearchCommand
         stage = compose("search", [f"experiment={df.merge_stage}", f"run.dir={stage_dir}", f"seed={cmd.seed}"])
     except Exception as e:  # Hydra's errors name the missing experiment
         raise ConfigError(f"space.dataflow.merge_stage: {df.merge_stage!r}: {e}") from None
-    if stage.space.method == "dataflow":
+    if stage.space.method == DATAFLOW:
         raise ConfigError(f"space.dataflow.merge_stage: {df.merge_stage!r} is a data-flow experiment; the first "
                           "stage merges parameters")
     stage = replace(stage, models=cmd.models, cluster=cmd.cluster,

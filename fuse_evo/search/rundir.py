@@ -25,6 +25,7 @@ import yaml
 
 from ..config import SearchCommand
 from ..errors import FuseEvoError
+from ..files import atomic_write
 from .archive import CONFIG_FILE, DB_FILE, Archive, default_url
 from .plan import command_yaml, config_differences
 
@@ -44,15 +45,6 @@ CHECKPOINT_FORMAT = 2  # 2: a cache vouched for by the archive (fe_cache); 1 was
 class RunDirError(FuseEvoError):
     """A run directory that holds another experiment, or a checkpoint that cannot continue."""
 
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def prepare_run_dir(cmd: SearchCommand) -> tuple[Path, str, bool, dict[str, Any] | None]:

@@ -17,7 +17,7 @@ import numpy as np
 from ..config import SpaceConfig
 from ..errors import ConfigError, FuseEvoError
 from ..registry import GLOBAL_PARAMS, PER_MODEL_DEFAULTS, PER_MODEL_PARAMS
-from ..recipe import Recipe, TensorGroup
+from ..recipe import DATAFLOW, Recipe, TensorGroup
 
 SCOPES = ("group_model", "group", "model", "global")
 # global recipe parameters a space may search (the others are switches: normalize, rescale, ...)
@@ -103,7 +103,7 @@ class SearchSpace(GenomeSpace):
         self.config = config
         self.method = config.method
         if self.method not in PER_MODEL_PARAMS:
-            hint = "; a data-flow space (method: dataflow) is a DataFlowSpace" if self.method == "dataflow" else ""
+            hint = "; a data-flow space (method: dataflow) is a DataFlowSpace" if self.method == DATAFLOW else ""
             raise ConfigError(f"space.method: {self.method!r} is not a merge method ({', '.join(PER_MODEL_PARAMS)})"
                               f"{hint}")
         self.models = tuple(config.models)

@@ -29,6 +29,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from ..errors import ConfigError, FuseEvoError
+from ..recipe import DATAFLOW
 from ..config import StrategyConfig
 from .space import SearchSpace, SpaceError
 
@@ -563,7 +564,7 @@ class PathEvolution(Strategy):
 
     def __init__(self, config: StrategyConfig, space: SearchSpace):
         super().__init__(config, space)
-        if getattr(space, "method", None) != "dataflow":
+        if getattr(space, "method", None) != DATAFLOW:
             raise ConfigError("strategy.backend: path_es searches data-flow spaces (space=dfs); this space merges "
                               "parameters")
         self._rng = np.random.default_rng(config.seed)

@@ -24,6 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from ..config import ZooConfig
 from ..errors import ConfigError, FuseEvoError
+from ..files import atomic_write
 from ..merge.methods import linear, task_arithmetic
 from .scoring import greedy_exact_match
 from .skills import SKILLS, Example, eval_splits
@@ -329,9 +330,7 @@ def _build(cfg: ZooConfig, out: Path, key: str, progress: bool) -> dict[str, Any
         metric="exact match (greedy, as lm-eval loglikelihood acc)",
         checksums=checksums,
     )
-    tmp = out / "zoo.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / "zoo.json")
+    atomic_write(out / "zoo.json", json.dumps(manifest, indent=2))
     return manifest
 
 
