@@ -1,8 +1,9 @@
 """Data-flow merging: a path through the layers of several models, and its plain export.
 
-A ``LayerPath`` (``fuse_evo.recipe``: plain data, like a Recipe) lists the decoder layers the hidden state passes through (``(model, layer)``
-steps, any model, any order, a layer may recur) and the scale the hidden state is multiplied
-by before each step, with the embedding, final norm and head of one model (``io_model``).
+A ``LayerPath`` (``fuse_evo.recipe``: plain data, like a Recipe) lists the decoder layers the
+hidden state passes through (``(model, layer)`` steps, any model, any order, a layer may
+recur) and the scale the hidden state is multiplied by before each step, with the embedding,
+final norm and head of one model (``io_model``).
 
 ``Router(models, io_model).route(path)`` (or ``routed_model(path, models)``) runs such a path
 through the live source models' own layer modules (referenced, never copied): an ordinary

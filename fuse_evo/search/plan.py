@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import RESUME_SAFE, ClusterConfig, DataFlowSpaceConfig, ModelsConfig, SearchCommand, StrategyConfig, check_limits, to_yaml
+from ..config import (RESUME_SAFE, ClusterConfig, DataFlowSpaceConfig, ModelsConfig, SearchCommand, StrategyConfig,
+                      check_limits, to_yaml)
 from ..device import check_device
 from ..errors import ConfigError, FuseEvoError
 from ..evaluate.objectives import Objectives
