@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import mmap
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -17,7 +19,6 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
-from safetensors import safe_open
 
 from .errors import FuseEvoError
 from .recipe import TensorGroup
@@ -70,7 +71,8 @@ def tensor_group(name: str) -> TensorGroup:
 # ---------------------------------------------------------------------------- loading
 @dataclass
 class LoadedModel:
-    """One checkpoint's tensors (CPU, in their stored dtype) and what we know about it."""
+    """One checkpoint's tensors (CPU, in their stored dtype; from safetensors, views of the
+    file's page cache) and what we know about it."""
 
     name: str
     path: Path
@@ -108,16 +110,62 @@ def resolve(name: str, ref: str | Path, revision: str | None = None) -> Path:
         ) from None
 
 
-def _read_safetensors(name: str, files: list[Path]) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (``{name: {"dtype", "shape", "data_offsets"}}``, and
+    ``__metadata__``) and where its data starts: the file's layout, no tensor data read."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < n <= min(_MAX_HEADER, size - 8):
+            raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return header, 8 + n
+
+
+def _map_file(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file as a view of a private memory map of it: nothing is
+    copied, the pages stay in the page cache that every process reading the file shares, and a
+    write into a tensor stays in this process (copy-on-write), never reaching the file."""
+    header, start = read_header(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"tensor {key!r} has dtype {info.get('dtype')!r}, which fuse_evo does not read")
+        shape = [int(d) for d in info["shape"]]
+        begin, end = (int(o) for o in info["data_offsets"])
+        count = math.prod(shape)
+        if not 0 <= begin <= end or start + end > size or end - begin != count * dtype.itemsize:
+            raise ValueError(f"tensor {key!r} claims bytes {begin}..{end} of a {size - start}-byte data section "
+                             f"for {count} x {dtype}")
+        flat = (torch.frombuffer(mapped, dtype=dtype, count=count, offset=start + begin) if count
+                else torch.empty(0, dtype=dtype))
+        tensors[key] = flat.view(shape)
+    return tensors
+
+
+def _read_safetensors(name: str, files: list[Path]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            with safe_open(str(f), framework="pt", device="cpu") as st:
-                for key in st.keys():
-                    tensors[key] = st.get_tensor(key)
-        except (SafetensorError, OSError) as e:  # truncated, garbled header, unreadable
+            tensors.update(_map_file(f))
+        except (ValueError, KeyError, TypeError, OSError) as e:  # truncated, garbled header, unreadable
             raise FuseEvoError(f"model {name!r}: {f} is not a readable safetensors file ({e}); "
                                "it is truncated or damaged: download or save it again") from None
     return tensors

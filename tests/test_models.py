@@ -158,3 +158,46 @@ def test_tensor_groups_by_name_across_families(name, group):
 def test_unknown_tensor_names_are_errors():
     with pytest.raises(FuseEvoError, match="'vision.patch.weight'"):
         tensor_group("vision.patch.weight")
+
+
+def test_safetensors_are_mapped_in_their_own_dtype_without_a_copy(tmp_path):
+    """Every dtype reads back equal to safetensors' own loader, as views of one shared file
+    mapping (no model-sized copy per process); a write stays in this process."""
+    from fuse_evo.models import load_tensors, read_header
+
+    torch.manual_seed(0)
+    saved = {"bf16": torch.randn(3, 5).to(torch.bfloat16), "f16": torch.randn(7).half(), "f32": torch.randn(2, 2, 2),
+             "i64": torch.arange(5), "u8": torch.arange(4, dtype=torch.uint8), "empty": torch.zeros(0, 4),
+             "bool": torch.tensor([True, False, True])}
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save_file(saved, str(folder / "model.safetensors"))
+    header, start = read_header(folder / "model.safetensors")
+    assert set(header) - {"__metadata__"} == set(saved) and start > 8
+    mapped = load_tensors("m", folder)
+    reference = load_file(str(folder / "model.safetensors"))
+    for key, t in reference.items():
+        assert mapped[key].dtype == t.dtype and mapped[key].shape == t.shape and torch.equal(mapped[key], t), key
+    # views of one mapping of the file, not copies: each tensor sits at its header offset
+    placed = [k for k in saved if saved[k].numel()]
+    origin = mapped[placed[0]].data_ptr() - header[placed[0]]["data_offsets"][0]
+    assert all(mapped[k].data_ptr() - header[k]["data_offsets"][0] == origin for k in placed)
+    mapped["f32"].mul_(0)  # copy-on-write: the file keeps its bytes
+    assert torch.equal(load_file(str(folder / "model.safetensors"))["f32"], saved["f32"])
+
+
+@pytest.mark.parametrize("damage", ["header length", "offsets"])
+def test_a_damaged_safetensors_layout_is_named(tmp_path, damage):
+    from fuse_evo.models import load_tensors
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save_file({"w": torch.ones(64)}, str(folder / "model.safetensors"))
+    raw = bytearray((folder / "model.safetensors").read_bytes())
+    if damage == "header length":
+        raw[:8] = (10**9).to_bytes(8, "little")
+    else:
+        raw = raw[:-16]  # the data section ends before the tensor it announces
+    (folder / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(FuseEvoError, match=r"model 'm': .*model.safetensors is not a readable safetensors file"):
+        load_tensors("m", folder)
