@@ -19,8 +19,8 @@ import torch
 from ..errors import FuseEvoError
 from ..models import ModelPool
 from ..recipe import Recipe, RecipeError, TensorGroup
-from . import methods as ops
 from ..registry import PER_MODEL_DEFAULTS, spec
+from . import methods as ops
 
 _RESCALE_KIND = {None: None, False: None, True: "l1", "l1": "l1", "l2": "l2", "linf": "linf", "keep_prob": "keep_prob"}
 

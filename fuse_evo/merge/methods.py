@@ -591,7 +591,6 @@ _SUMMARIES = {
     "della": "DELLA: magnitude-rank-weighted random drop + rescale, sign election, disjoint mean.",
     "della_linear": "DELLA sparsification, then plain task arithmetic.",
 }
-_EXTRA = {"outliers": "gamma", "ranked": "epsilon"}  # the sparsifier's second per-source parameter
 _OPTIONS = {"normalize", "rescale", "lambda_", "consensus"}
 
 
@@ -625,7 +624,7 @@ def gta(
     g = s.resolved({("lambda" if k == "lambda_" else k): v for k, v in options.items()})
     n = len(tensors)
     w = _per_source(weights, n, "weight", method)
-    name = _EXTRA.get(s.sparsify)
+    name = _extra_param(s)
     value = registry.PER_MODEL_DEFAULTS[name] if name and extra is None else extra
     if s.sparsify in ("magnitude", "outliers"):
         sp = _magnitude_sparsifier(n, densities, value, g["rescale"], tables, method)
@@ -634,10 +633,16 @@ def gta(
     return _gta(base, tensors, w, sp, g.get("consensus"), g["normalize"], g["lambda"], method, deltas_given)
 
 
+def _extra_param(s: registry.MethodSpec) -> str | None:
+    """The sparsifier's second per-source parameter (breadcrumbs' gamma, DELLA's epsilon): what
+    the method reads after weight and density."""
+    return s.per_model[2] if len(s.per_model) > 2 else None
+
+
 def _operator(method: str) -> Callable[..., torch.Tensor]:
     """``method(base, tensors, weights, densities=1.0, [gamma|epsilon], **options)``: ``gta``
     for one registry method, with its own parameter name for the sparsifier's second value."""
-    extra = _EXTRA.get(registry.spec(method).sparsify)
+    extra = _extra_param(registry.spec(method))
 
     def merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Floats, densities: Floats = 1.0,
               *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -79,7 +79,7 @@ MODES = ("async", "generational")
 
 
 def check_cluster(cluster: Any) -> None:
-    """A ``cluster`` config (``search.config.ClusterConfig``) that makes sense, or a
+    """A ``cluster`` config (``fuse_evo.config.ClusterConfig``) that makes sense, or a
     ConfigError naming the key: checked before any model is loaded or Ray started."""
     if cluster.backend not in ("serial", "ray"):
         raise ConfigError(f"cluster.backend: {cluster.backend!r} is not one of serial, ray")
