@@ -59,6 +59,27 @@ def test_concurrent_writers_sqlite(tmp_path):
     _hammer(f"sqlite:///{tmp_path / 'shared.db'}")
 
 
+def _open(url: str, go) -> None:
+    go.wait()
+    Archive(url, "run", create=True).close()
+
+
+def test_writers_racing_to_create_the_sqlite_tables_all_open_it(tmp_path):
+    """Writers released at once onto a new SQLite file: each may find a table made between its
+    check and its create (SQLite creates one table per statement); none fails for it."""
+    ctx = mp.get_context("fork")
+    for attempt in range(10):
+        go = ctx.Event()
+        url = f"sqlite:///{tmp_path / f'race{attempt}.db'}"
+        procs = [ctx.Process(target=_open, args=(url, go)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        go.set()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0] * 6, f"round {attempt}"
+
+
 def _search(micro_zoo, run: Path, url: str, seed: int) -> subprocess.Popen:
     zoo = Path(micro_zoo["task_dir"]).parent
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

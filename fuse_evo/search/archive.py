@@ -204,13 +204,20 @@ def schema_lock(engine: sa.Engine) -> Iterator[None]:
 
 
 def _create_tables(engine: sa.Engine) -> None:
-    """Create the tables; a writer that lost a race to create them finds them there."""
-    try:
-        _meta.create_all(engine)
-    except sa.exc.OperationalError:
-        tables = sa.inspect(engine).get_table_names()
-        if not {t.name for t in _meta.sorted_tables} <= set(tables):
-            raise
+    """Create the missing tables. SQLite creates each table in its own statement, so a writer
+    racing another one can find a table made between its check and its create: it looks again
+    (``create_all`` skips what exists) until its tables are all there."""
+    for attempt in range(_CREATE_ATTEMPTS):
+        try:
+            _meta.create_all(engine)
+            return
+        except sa.exc.OperationalError:
+            if attempt == _CREATE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.02 * (attempt + 1))
+
+
+_CREATE_ATTEMPTS = 10
 
 
 def default_url(run_dir: str | Path) -> str:
