@@ -170,3 +170,65 @@ def test_export_writes_a_loadable_folder_atomically(engine, tmp_path):
     assert Recipe.from_dict(saved["recipe"]) == recipe and saved["sources"] == sources
     with pytest.raises(FuseEvoError, match="already exists"):
         save_merged(live, None, out, recipe, sources)
+
+
+# ----------------------------------------------------------------------------- own dtype, no copies
+
+
+def _retyped_zoo(micro_zoo, tmp_path, dtypes: dict[str, torch.dtype]) -> ModelPool:
+    """The micro zoo's base and experts saved again in other dtypes (e.g. bf16 base, fp16 expert)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    models = micro_zoo["models"]
+    paths = {}
+    for name, m in models.items():
+        out = tmp_path / name
+        shutil.copytree(m["path"], out)
+        tensors = load_file(out / "model.safetensors")
+        dtype = dtypes.get(name, dtypes.get("*"))
+        save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, out / "model.safetensors")
+        paths[name] = out
+    return ModelPool(paths["base"], {n: paths[n] for n, m in models.items() if m["skill"]})
+
+
+def test_the_engine_keeps_the_pools_tensors_in_their_own_dtype_without_copies(engine, micro_zoo, tmp_path):
+    pool = _retyped_zoo(micro_zoo, tmp_path, {"*": torch.bfloat16, "ft_shift": torch.float16})
+    bf16 = MergeEngine(pool, device="cpu")
+    for name, t in pool.base.tensors.items():
+        assert bf16.base[name].data_ptr() == t.data_ptr() and bf16.base[name].dtype == torch.bfloat16
+        for model, src in pool.sources.items():
+            assert bf16.source(model, name).data_ptr() == src.tensors[name].data_ptr()
+    assert bf16.source("ft_shift", pool.tensor_names[0]).dtype == torch.float16
+    assert bf16.nbytes == sum(t.numel() * t.element_size() for m in [pool.base, *pool.sources.values()]
+                              for t in m.tensors.values())
+
+
+@pytest.mark.parametrize("dtypes", [{"*": torch.float32}, {"*": torch.bfloat16, "ft_shift": torch.float16}],
+                         ids=["fp32", "bf16+fp16"])
+@pytest.mark.parametrize("method, params", [("ties", {}), ("breadcrumbs_ties", {"rescale": "l2"}),
+                                            ("dare_ties", {}), ("della", {}), ("task_arithmetic", {}),
+                                            ("slerp", {"t": 0.3}), ("model_stock", {})])
+def test_histogram_thresholds_and_mixed_dtypes_equal_the_operators(micro_zoo, tmp_path, monkeypatch, dtypes,
+                                                                   method, params):
+    """Every tensor through the magnitude histograms (not the sorted tables small tensors get)
+    and sources of other dtypes than the base's: the operators' merge, computed in fp32."""
+    from fuse_evo.merge import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_SORTED_UP_TO", 0)
+    pool = _retyped_zoo(micro_zoo, tmp_path, dtypes)
+    retyped = MergeEngine(pool, device="cpu")
+    recipe = _recipe(method, **params)
+    live = pool.new_model()  # the base's dtype: the operators' output dtype
+    retyped.materialize(recipe, into=live)
+    merged = live.state_dict()
+    # fp32 inside, rounded once to bf16 at the end: at most one bf16 step apart where the
+    # fp32 sums differ in their last bit
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if merged[pool.tensor_names[0]].dtype == torch.float32 else {}
+    for name in pool.tensor_names:
+        expected = _reference(retyped, recipe, name)
+        assert merged[name].dtype == expected.dtype
+        torch.testing.assert_close(merged[name], expected, **tolerance, msg=lambda m: f"{method} {name}: {m}")
+    if method in ("ties", "breadcrumbs_ties"):
+        assert all(isinstance(t, ops.MagnitudeHistogram) for t in retyped._tables.values())

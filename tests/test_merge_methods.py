@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from fuse_evo.merge.methods import (
+    BUCKETS,
+    MagnitudeHistogram,
     MagnitudeTable,
+    bucket_members,
+    magnitude_counts,
     breadcrumbs,
     breadcrumbs_ties,
     dare_linear,
@@ -343,16 +347,52 @@ def test_resident_task_vectors_give_the_same_merge(name):
 
 
 def test_combine_task_vectors_is_linear_and_task_arithmetic_in_one_pass():
-    stacked = torch.stack([s - _B for s in _S])
     w = torch.tensor([0.3, 0.9])
     for normalize in (True, False):
         expected = linear(_S, [0.3, 0.9], normalize=normalize)
         coeff, beta = (w / w.sum(), 1.0) if normalize else (w, float(w.sum()))
-        assert torch.allclose(combine_task_vectors(_B, stacked, coeff, beta), expected, atol=1e-6)
+        assert torch.allclose(combine_task_vectors(_B, _S, coeff, beta), expected, atol=1e-6)
     ta = task_arithmetic(_B, _S, [0.3, 0.9], lambda_=0.5)
-    assert torch.allclose(combine_task_vectors(_B, stacked, 0.5 * w), ta, atol=1e-6)
+    assert torch.allclose(combine_task_vectors(_B, _S, 0.5 * w), ta, atol=1e-6)
+    # sources in their own dtype, mixed: fp32 inside, the output cast once
+    b16, s16 = _B.bfloat16(), [_S[0].bfloat16(), _S[1].half()]
+    merged = combine_task_vectors(b16, s16, 0.5 * w)
+    assert merged.dtype == torch.float32
+    torch.testing.assert_close(merged, b16.float() + 0.5 * (0.3 * (s16[0].float() - b16.float())
+                                                            + 0.9 * (s16[1].float() - b16.float())),
+                               rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="do not agree"):
-        combine_task_vectors(_B, stacked, torch.ones(3))
+        combine_task_vectors(_B, _S, torch.ones(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_magnitude_histogram_gives_the_exact_order_statistics(dtype):
+    """Every rank's |delta| equals the sorted one, for deltas of bf16/fp16 weights (pure
+    buckets) and of fp32 weights (the boundary bucket refined from the tensor)."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(20000, generator=g).to(dtype)
+    source = (base.float() + 0.02 * torch.randn(20000, generator=g)).to(dtype)
+    source[:300] = base[:300]  # zero deltas, tied
+    reads = []
+
+    def members(bucket):
+        reads.append(bucket)
+        return bucket_members(base, source, bucket)
+
+    counts = torch.bincount(magnitude_counts(base, source), minlength=2 * BUCKETS)
+    table = MagnitudeHistogram(counts, members, keep=400)
+    desc = torch.sort((source.float() - base.float()).abs(), descending=True).values
+    ranks = [0, 1, 2, 17, 999, 5000, 10000, 19699, 19700, 19999]
+    assert [table.at_rank(r) for r in ranks] == [float(desc[r]) for r in ranks]
+    assert table.numel == 20000 and table.nbytes < 400_000 + 400 * 4
+    if dtype == torch.float32:
+        assert reads  # fp32 deltas fill buckets with distinct values: refined
+        before = len(reads)
+        table.at_rank(5000)
+        assert len(reads) == before  # a refined bucket is kept for the next lookup
+        assert sum(v.numel() for v in table._cached.values()) <= 400
+    with pytest.raises(ValueError, match="rank 20000 outside"):
+        table.at_rank(20000)
 
 
 def test_invalid_inputs_raise_clear_value_errors():

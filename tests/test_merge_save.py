@@ -29,7 +29,10 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 if how == "during-delete":  # the old model's deletion: a file gone, then killed
+    real_rmtree = shutil.rmtree
     def rmtree(path, *a, **k):
+        if not Path(path).name.startswith(f".{Path(out).name}.old-"):  # another folder (a compiler's)
+            return real_rmtree(path, *a, **k)
         files = sorted(p for p in Path(path).rglob("*.safetensors"))
         if files:
             files[0].unlink()

@@ -1,10 +1,12 @@
-"""MergeEngine: task vectors computed once and kept resident; a recipe written into a live model.
+"""MergeEngine: the sources read in their own dtype; a recipe written into a live model.
 
-A search materializes thousands of candidates from the same sources, so everything that does
-not depend on the candidate is done once: the fp32 task vectors (source - base), and, the first
-time a magnitude method needs them, per-tensor magnitude tables (density -> threshold is then a
-lookup) and DELLA's rank norms. ``materialize`` reads no file and allocates nothing the size of
-the model: one tensor at a time is merged and copied into the live model's parameters.
+A search materializes thousands of candidates from the same sources, so the engine keeps only
+what the sources are (the base and each source in the dtype it was saved in: on the CPU,
+views of the memory-mapped files that every worker on a node shares) and per-tensor
+structures a few hundred KB each: magnitude histograms (TIES and breadcrumbs thresholds,
+exact), rescale norms, slerp angles. Task vectors are never stored: every kernel computes
+source - base in fp32 registers as it merges. ``materialize`` reads no file and allocates
+nothing the size of the model: one tensor at a time is merged and copied into the live model.
 """
 
 from __future__ import annotations
@@ -36,51 +38,55 @@ class NonFiniteMerge(FuseEvoError):
 
 
 class MergeEngine:
-    """Resident task vectors for one ModelPool; ``materialize(recipe, into=model)`` in place.
+    """The sources of one ModelPool, resident; ``materialize(recipe, into=model)`` in place.
 
-    ``device``: where the resident tensors live and merges are computed (default: CUDA when
-    available, else CPU). ``table_resolution``: ranks kept per magnitude table. None (the
-    default) keeps all of them: thresholds are exact (mergekit parity) and a table is as large
-    as its task vector; R ranks cut that to R+1 values with the kept count off by at most
-    numel/(2R), for models whose tables would not fit.
+    ``device``: where the sources live and merges are computed (default: CUDA when available
+    and the sources fit, else CPU). The pool's tensors are used as they are on the CPU (no
+    copy, no dtype conversion); on another device they are copied there once, in their dtype.
+    ``cache_bytes``: what DELLA's per-row rank tables may hold (recomputed past it; default
+    2% of the sources' bytes).
     """
 
-    def __init__(
-        self,
-        pool: ModelPool,
-        device: str | torch.device | None = None,
-        table_resolution: int | None = None,
-    ):
+    def __init__(self, pool: ModelPool, device: str | torch.device | None = None,
+                 cache_bytes: int | None = None):
         self.pool = pool
         self.device = torch.device(device) if device is not None else _default_device(pool)
-        self.table_resolution = table_resolution
-        self.base = {k: t.to(self.device) for k, t in pool.base.tensors.items()}
-        # fp32 base and task vectors stacked per tensor, flat ([numel], [N, numel]: fresh
-        # tensors, so a compiled kernel sees one layout whatever the tensor's rank); the
-        # per-model dicts are shaped views of the stacks
-        self.shapes = {k: t.shape for k, t in self.base.items()}
-        self.base32 = {k: t.reshape(-1).to(torch.float32, copy=True) for k, t in self.base.items()}
+        self.shapes = {k: t.shape for k, t in pool.base.tensors.items()}
+        # flat views ([numel]: a compiled kernel sees one layout whatever the tensor's rank)
+        self.base = {k: _resident(t, self.device) for k, t in pool.base.tensors.items()}
         self.order = {name: i for i, name in enumerate(pool.sources)}
-        self.stacked = {
-            k: torch.stack([ops.task_vector(b, src.tensors[k].to(self.device).reshape(-1)) for src in pool.sources.values()])
-            for k, b in self.base32.items()
-        }
-        self.deltas: dict[str, dict[str, torch.Tensor]] = {
-            name: {k: stack[i].view(self.shapes[k]) for k, stack in self.stacked.items()}
-            for name, i in self.order.items()
-        }
-        self._tables: dict[tuple[str, str], ops.MagnitudeTable] = {}
-        self._rank_stack: dict[str, torch.Tensor] = {}
+        self.sources = {k: [_resident(src.tensors[k], self.device) for src in pool.sources.values()]
+                        for k in self.base}
+        self.nbytes = sum(t.numel() * t.element_size() for ts in [list(self.base.values())]
+                          + list(self.sources.values()) for t in ts)
+        self.cache_bytes = int(0.02 * self.nbytes) if cache_bytes is None else cache_bytes
+        self._tables: dict[tuple[str, str], ops.MagnitudeTable | ops.MagnitudeHistogram] = {}
+        self._ranks: dict[tuple[str, str], torch.Tensor] = {}
         self._norms: dict[tuple[str, str], torch.Tensor] = {}
         self._cosines: dict[tuple[str, str], float] = {}
         self._checked: set[str] = set()
 
+    def source(self, model: str, tensor: str) -> torch.Tensor:
+        """Source ``model``'s tensor ``tensor``, flat, resident, in its own dtype."""
+        return self.sources[tensor][self.order[model]]
+
+    def task_vector(self, model: str, tensor: str) -> torch.Tensor:
+        """fp32 ``source - base`` of one tensor, shaped: computed on demand, never kept."""
+        return ops.task_vector(self.base[tensor], self.source(model, tensor)).view(self.shapes[tensor])
+
+    @property
+    def table_bytes(self) -> int:
+        """Bytes held by the magnitude tables, DELLA's rank tables and the norms."""
+        tables = sum(t.nbytes for t in self._tables.values())
+        return tables + sum(r.numel() * r.element_size() for r in self._ranks.values()) + sum(
+            n.numel() * n.element_size() for n in self._norms.values())
+
     # ------------------------------------------------------------------ checks
     def check(self, recipe: Recipe) -> None:
         """Reject a recipe this pool cannot materialize, before touching the live model."""
-        unknown = [m for m in recipe.models if m not in self.deltas]
+        unknown = [m for m in recipe.models if m not in self.order]
         if unknown:
-            raise RecipeError(f"recipe.models: {unknown} not in the pool ({list(self.deltas)})")
+            raise RecipeError(f"recipe.models: {unknown} not in the pool ({list(self.order)})")
         if recipe.base != self.pool.base.name:
             raise RecipeError(f"recipe.base: {recipe.base!r}, the pool's base is {self.pool.base.name!r}")
         method = spec(recipe.method)
@@ -138,54 +144,72 @@ class MergeEngine:
         return float(t)
 
     # ------------------------------------------------------------------ merging
-    def _table(self, model: str, tensor: str) -> ops.MagnitudeTable:
+    def _table(self, model: str, tensor: str) -> ops.MagnitudeTable | ops.MagnitudeHistogram:
+        """The |delta| order statistics of one source's tensor, built on first use: a sorted
+        copy for small tensors (at most 64K values), else a histogram from one streaming pass."""
         key = (model, tensor)
         if key not in self._tables:
-            self._tables[key] = ops.MagnitudeTable(self.deltas[model][tensor], self.table_resolution)
+            base, source = self.base[tensor], self.source(model, tensor)
+            if base.numel() <= _SORTED_UP_TO:
+                self._tables[key] = ops.MagnitudeTable(ops.task_vector(base, source))
+            else:
+                index = _fused(ops.magnitude_counts)(base, source)
+                counts = torch.bincount(index, minlength=2 * ops.BUCKETS)
+                del index
+                self._tables[key] = ops.MagnitudeHistogram(
+                    counts, lambda bucket: _fused(ops.bucket_members)(base, source, bucket))
         return self._tables[key]
 
     def _cosine(self, model: str, tensor: str) -> float:
         key = (model, tensor)
         if key not in self._cosines:
-            self._cosines[key] = ops.slerp_cosine(self.base32[tensor], self.base32[tensor] + self.stacked[tensor][self.order[model]])
+            self._cosines[key] = ops.slerp_cosine(self.base[tensor], self.source(model, tensor))
         return self._cosines[key]
 
     @torch.no_grad()
-    def merge_tensor(self, recipe: Recipe, name: str) -> torch.Tensor:
-        """The merged value of one tensor (fp32 accumulation; fp32 or the base's dtype out,
-        ``materialize`` casts to the live model's dtype as it copies)."""
+    def merge_into(self, recipe: Recipe, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Write one tensor's merge into ``out`` (any float dtype, the tensor's numel) in one
+        pass: fp32 inside, cast once as it is written. Returns a 0-d flag, True when every
+        written value is finite (read it once per model: no device sync per tensor)."""
         group = self.pool.groups[name]
         base = self.base[name]
         models = recipe.models
         g = recipe.parameters
         family = spec(recipe.method).family
+        flat = out.view(-1)
         if family == "slerp":
-            # s0 base + s1 (base + d) = (s0 + s1) base + s1 d: one pass, angle cached per tensor
+            # s0 base + s1 source = (s0 + s1) base + s1 (source - base): one pass, angle cached
             s0, s1 = ops.slerp_weights(self._cosine(models[0], name), self._slerp_t(recipe, group, name))
-            coefficients = self._per_source({models[0]: s1})
-            merged = ops.combine_task_vectors(self.base32[name], self.stacked[name], coefficients, s0 + s1)
-            return merged.view(self.shapes[name])
+            return _writer(ops.combine_task_vectors)(flat, base, [self.source(models[0], name)],
+                                                     self._vector([s1]), s0 + s1)
         if family == "model_stock":
-            deltas = [self.deltas[m][name] for m in models]
-            return ops.model_stock(base, [base.float() + d for d in deltas],
-                                   filter_wise=bool(g.get("filter_wise", False)))
+            merged = ops.model_stock(base.view(self.shapes[name]),
+                                     [self.source(m, name).view(self.shapes[name]) for m in models],
+                                     filter_wise=bool(g.get("filter_wise", False)))
+            flat.copy_(merged.reshape(-1))
+            return torch.isfinite(flat).all()
         per = [self._per_model(recipe, group, m, name) for m in models]
-        weights = [p["weight"] for p in per]
         if family == "linear":
-            return self._linear_family(recipe, name, weights)
-        return self._gta(recipe, name, per)
+            return self._linear_family(recipe, name, [p["weight"] for p in per], flat)
+        return self._gta(recipe, name, per, flat)
 
-    def _per_source(self, values: dict[str, float], fill: float = 0.0, dtype=torch.float32) -> torch.Tensor:
-        """A [N] vector over the pool's stacked sources; sources the recipe leaves out get ``fill``."""
-        vector = [fill] * len(self.order)
-        for model, value in values.items():
-            vector[self.order[model]] = value
-        return torch.tensor(vector, dtype=dtype, device=self.device)
+    def merged(self, recipe: Recipe, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor's merge as a new tensor (default: the base's dtype), shaped; for
+        writers that save a merge tensor by tensor."""
+        out = torch.empty(self.shapes[name], dtype=dtype or self.base[name].dtype, device=self.device)
+        if not bool(self.merge_into(recipe, name, out)):
+            raise NonFiniteMerge(f"merged tensor {name!r} is not finite (inf or nan) in {out.dtype}: "
+                                 "the recipe's coefficients overflow it")
+        return out
 
-    def _linear_family(self, recipe: Recipe, name: str, weights: list[float]) -> torch.Tensor:
-        """linear and task_arithmetic as one matrix product over the stacked task vectors:
+    def _vector(self, values: list[float], dtype=torch.float32) -> torch.Tensor:
+        """A [N] vector over the recipe's sources, on the engine's device."""
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    def _linear_family(self, recipe: Recipe, name: str, weights: list[float], out: torch.Tensor) -> torch.Tensor:
+        """linear and task_arithmetic as one pass over the recipe's sources:
         linear = (normalize ? 1 : sum w) base + sum w_i d_i (/ sum w); task arithmetic =
-        base + lambda sum w_i d_i (/ sum w if normalize). fp32 out."""
+        base + lambda sum w_i d_i (/ sum w if normalize)."""
         g = recipe.parameters
         total = float(sum(weights))
         linear = recipe.method == "linear"
@@ -193,48 +217,45 @@ class MergeEngine:
         if normalize and total == 0:
             raise RecipeError(f"recipe: weights sum to zero in tensor {name!r}, cannot normalize")
         scale = (1.0 / total if normalize else 1.0) * (1.0 if linear else float(g.get("lambda", 1.0)))
-        coefficients = self._per_source({m: w * scale for m, w in zip(recipe.models, weights)})
         base_scale = total if linear and not normalize else 1.0
-        merged = ops.combine_task_vectors(self.base32[name], self.stacked[name], coefficients, base_scale)
-        return merged.view(self.shapes[name])
+        sources = [self.source(m, name) for m in recipe.models]
+        return _writer(ops.combine_task_vectors)(out, self.base[name], sources,
+                                                 self._vector([w * scale for w in weights]), base_scale)
 
-    def _gta(self, recipe: Recipe, name: str, per: list[dict[str, float]]) -> torch.Tensor:
-        """Every sparsify-then-combine method through one fused kernel (``ops.gta_stacked``):
-        thresholds from the magnitude tables, random masks drawn in the kernel from the same
-        streams the operators use, rescale norms cached per tensor. fp32 out."""
+    def _gta(self, recipe: Recipe, name: str, per: list[dict[str, float]], out: torch.Tensor) -> torch.Tensor:
+        """Every sparsify-then-combine method through one fused kernel (``ops.gta_fused``) over
+        the recipe's sources: thresholds from the magnitude tables, random masks drawn in the
+        kernel from the same streams the operators use, rescale norms cached per tensor."""
         method, models = recipe.method, recipe.models
         s = spec(method)
         g = s.resolved(recipe.parameters)
         rescale = _RESCALE_KIND[g["rescale"]]
-        vec = self._per_source
+        vec = self._vector
         args: dict[str, Any] = {
-            "weights": vec({m: p["weight"] for m, p in zip(models, per)}),
-            "density": vec({m: p["density"] for m, p in zip(models, per)}, fill=1.0),
+            "weights": vec([p["weight"] for p in per]),
+            "density": vec([p["density"] for p in per]),
             "rescale": rescale,
             "consensus": g.get("consensus"),
             "normalize": bool(g["normalize"]),
             "lambda_": float(g["lambda"]),
         }
         if s.sparsify in ("magnitude", "outliers"):
-            low, high = {}, {}
-            for m, p in zip(models, per):
-                low[m], high[m] = self._magnitude_bounds(m, name, p["density"], p.get("gamma"))
-            args["low"] = vec(low)
+            bounds = [self._magnitude_bounds(m, name, p["density"], p.get("gamma")) for m, p in zip(models, per)]
+            args["low"] = vec([low for low, _ in bounds])
             if s.sparsify == "outliers":  # an upper bound only where there is one: a cheaper kernel
-                args["high"] = vec(high, fill=math.inf)
+                args["high"] = vec([high for _, high in bounds])
         else:  # random masks: source j of the recipe draws from stream (tensor seed, j), as the operators
             seed = tensor_seed(recipe.seed, name)
-            args["keys"] = vec({m: ops.random_key(seed, j) for j, m in enumerate(models)}, dtype=torch.int32)
+            args["keys"] = vec([ops.random_key(seed, j) for j in range(len(models))], dtype=torch.int32)
             if s.sparsify == "ranked":
-                args["epsilon"] = vec({m: p["epsilon"] if p["density"] < 1 else 0.0 for m, p in zip(models, per)})
-                args["rank_norms"] = self._rank_norms(name)
-        stacked = self.stacked[name]
+                args["epsilon"] = vec([p["epsilon"] if p["density"] < 1 else 0.0 for p in per])
+                args["rank_norms"] = [self._rank_norm(m, name) for m in models]
+        base, sources = self.base[name], [self.source(m, name) for m in models]
         if rescale in ("l1", "l2", "linf"):
-            args["norms"] = self._norm(name, rescale)
+            args["norms"] = torch.stack([self._norm(m, name, rescale) for m in models])
             mask = {k: args.get(k) for k in ("density", "low", "high", "keys", "epsilon", "rank_norms")}
-            args["after"] = _fused(ops.masked_norm)(stacked, **mask, kind=rescale)
-        merged = _fused(ops.gta_stacked)(self.base32[name], stacked, **args)
-        return merged.view(self.shapes[name])
+            args["after"] = _fused(ops.masked_norm)(base, sources, **mask, kind=rescale)
+        return _writer(ops.gta_fused)(out, base, sources, **args)
 
     def _magnitude_bounds(self, model: str, name: str, density: float, gamma: float | None) -> tuple[float, float]:
         """|delta| bounds a source keeps: TIES the top ``density`` (no upper bound), breadcrumbs
@@ -243,21 +264,27 @@ class MergeEngine:
             return 0.0, math.inf
         table = self._table(model, name)
         if gamma is None:
-            return float(table.threshold(density)), math.inf
+            return float(table.at_rank(ops._keep_count(density, table.numel) - 1)), math.inf
         first, last = ops.outlier_ranks(table.numel, density, gamma)
         return float(table.at_rank(last)), float(table.at_rank(first))
 
-    def _norm(self, name: str, kind: str) -> torch.Tensor:
-        key = (name, kind)
+    def _norm(self, model: str, name: str, kind: str) -> torch.Tensor:
+        key = (model, name, kind)
         if key not in self._norms:
-            self._norms[key] = ops.stacked_norm(self.stacked[name], kind)
+            self._norms[key] = ops.task_vector_norms(self.base[name], [self.source(model, name)], kind)[0]
         return self._norms[key]
 
-    def _rank_norms(self, name: str) -> torch.Tensor:
-        """DELLA's per-row magnitude ranks of every source's task vector, stacked flat; built once."""
-        if name not in self._rank_stack:
-            self._rank_stack[name] = torch.stack([ops.row_rank_norm(self.deltas[m][name]).reshape(-1) for m in self.order])
-        return self._rank_stack[name]
+    def _rank_norm(self, model: str, name: str) -> torch.Tensor:
+        """DELLA's per-row magnitude ranks of one source's task vector (exact: one sort per
+        row), kept while they fit ``cache_bytes``, else computed again at the next use."""
+        key = (model, name)
+        if key in self._ranks:
+            return self._ranks[key]
+        ranks = ops.row_rank_norm(self.task_vector(model, name)).reshape(-1)
+        held = sum(r.numel() * r.element_size() for r in self._ranks.values())
+        if held + ranks.numel() * ranks.element_size() <= self.cache_bytes:
+            self._ranks[key] = ranks
+        return ranks
 
     @torch.no_grad()
     def materialize(self, recipe: Recipe, into: torch.nn.Module) -> torch.nn.Module:
@@ -272,14 +299,33 @@ class MergeEngine:
         finite = []  # one flag per float tensor, read once at the end: no device sync per tensor
         for name in self.base:
             target = targets[name]
-            target.copy_(self.merge_tensor(recipe, name))
             if target.is_floating_point():
-                finite.append((name, torch.isfinite(target).all()))
+                finite.append((name, self.merge_into(recipe, name, target)))
+            else:
+                target.copy_(self.merged(recipe, name).to(target.dtype))
         if finite and not bool(torch.stack([f for _, f in finite]).all()):
             name = next(n for n, f in finite if not bool(f))
             raise NonFiniteMerge(f"merged tensor {name!r} is not finite (inf or nan) in "
                                  f"{targets[name].dtype}: the recipe's coefficients overflow it")
         return into
+
+
+_WRITERS: dict[Callable, Callable] = {}
+
+
+def _writer(kernel: Callable) -> Callable:
+    """``write(out, *args)``: ``kernel(*args)`` cast to ``out``'s dtype and written into it, with
+    the flag "all finite", compiled as one pass (the merged values never reach memory in fp32,
+    and the finiteness check reads nothing again)."""
+    if kernel not in _WRITERS:
+        def write(out: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            merged = kernel(*args, **kwargs).reshape(-1).to(out.dtype)
+            out.copy_(merged)
+            return torch.isfinite(merged).all()
+
+        write.__name__ = f"write_{kernel.__name__}"
+        _WRITERS[kernel] = write
+    return _fused(_WRITERS[kernel])
 
 
 _FUSED: dict[Callable, Callable] = {}
@@ -308,14 +354,21 @@ def _fused(fn: Callable) -> Callable:
     return _FUSED[fn]
 
 
+_SORTED_UP_TO = 1 << 16  # tensors this small keep a sorted |delta| (<= 256 KB) instead of a histogram
+
+
+def _resident(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One tensor flat on ``device`` in its own dtype: on the CPU the pool's view itself."""
+    return tensor.reshape(-1).to(device)
+
+
 def _default_device(pool: ModelPool, headroom: float = 0.8) -> torch.device:
-    """CUDA when present and the resident set (fp32 task vectors + base) fits in most of its
-    free memory; the CPU otherwise."""
+    """CUDA when present and the sources (in their own dtype) fit in most of its free memory;
+    the CPU otherwise."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    numel = sum(t.numel() for t in pool.base.tensors.values())
-    # fp32 task vectors + fp32 base + the base in its own dtype
-    resident = numel * (4 * len(pool.sources) + 4 + pool.base.tensors[pool.tensor_names[0]].element_size())
+    resident = sum(t.numel() * t.element_size() for m in [pool.base, *pool.sources.values()]
+                   for t in m.tensors.values())
     free, _ = torch.cuda.mem_get_info()
     return torch.device("cuda") if resident < headroom * free else torch.device("cpu")
 

@@ -188,6 +188,83 @@ class MagnitudeTable:
         return self.at_rank(_keep_count(density, self.numel) - 1)
 
 
+BUCKET_SHIFT = 16  # |delta|'s fp32 bits >> 16: sign (0), 8 exponent and 7 mantissa bits
+BUCKETS = 1 << (31 - BUCKET_SHIFT)
+_LOW_BITS = (1 << BUCKET_SHIFT) - 1
+
+
+def magnitude_counts(base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """The int32 index ``2 * bucket + (low bits != 0)`` of every element's |source - base| (fp32
+    bits): ``torch.bincount`` of it is a :class:`MagnitudeHistogram`'s one streaming pass."""
+    bits = (source.reshape(-1).float() - base.reshape(-1).float()).abs().view(torch.int32)
+    return ((bits >> BUCKET_SHIFT) << 1) | ((bits & _LOW_BITS) != 0).to(torch.int32)
+
+
+def bucket_members(base: torch.Tensor, source: torch.Tensor, bucket: int) -> torch.Tensor:
+    """The fp32 bits of |source - base| where they lie in ``bucket`` with nonzero low bits, 0
+    elsewhere (the refinement pass of :class:`MagnitudeHistogram`)."""
+    bits = (source.reshape(-1).float() - base.reshape(-1).float()).abs().view(torch.int32)
+    inside = ((bits >> BUCKET_SHIFT) == bucket) & ((bits & _LOW_BITS) != 0)
+    return torch.where(inside, bits, 0)
+
+
+class MagnitudeHistogram:
+    """Exact order statistics of one task vector's |delta| in 384 KB, whatever its size.
+
+    |delta| >= 0, so its fp32 bit pattern orders like its value: the high 16 bits name one of
+    32768 buckets (1/128 relative width), counted in one pass (``counts``: bincount of
+    :func:`magnitude_counts`). A bucket's "pure" members (zero low bits) all equal its lower
+    edge: for deltas of bf16 or fp16 weights, which carry few significant bits, nearly every
+    member is pure. Only a rank that falls among a bucket's other ("impure") members needs
+    their values: ``members(bucket)`` reads them from the tensor again (one pass; the nonzero
+    entries of :func:`bucket_members`) and the table keeps the most recent ones, up to
+    ``keep`` values (default 1% of the tensor), for the next lookup.
+    """
+
+    def __init__(self, counts: torch.Tensor, members: Callable[[int], torch.Tensor], keep: Optional[int] = None):
+        counts = counts.to("cpu", torch.int64).reshape(BUCKETS, 2)
+        total = counts.sum(1)
+        self.numel = int(total.sum())
+        if self.numel == 0:
+            raise ValueError("MagnitudeHistogram: empty tensor")
+        # _fewer[i]: elements in the buckets >= BUCKETS - i (i = 0: none), non-decreasing
+        self._fewer = torch.cat([torch.zeros(1, dtype=torch.int64), total.flip(0).cumsum(0)])
+        self._impure = counts[:, 1].to(torch.int32)
+        self._members = members
+        self._keep = max(1, self.numel // 100) if keep is None else keep
+        self._cached: dict[int, torch.Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the counts plus the cached members of impure buckets."""
+        held = self._fewer.numel() * 8 + self._impure.numel() * 4
+        return held + sum(v.numel() * 4 for v in self._cached.values())
+
+    def at_rank(self, rank: int) -> float:
+        """|delta| of the entry at 0-based descending ``rank``."""
+        if not 0 <= rank < self.numel:
+            raise ValueError(f"MagnitudeHistogram: rank {rank} outside 0..{self.numel - 1}")
+        i = int(torch.searchsorted(self._fewer, rank, right=True))  # _fewer[i - 1] <= rank < _fewer[i]
+        j = BUCKETS - i
+        within = rank - int(self._fewer[i - 1])  # impure members (the larger ones) come first
+        if within >= int(self._impure[j]):
+            return _bits_to_float(j << BUCKET_SHIFT)
+        return _bits_to_float(int(self._sorted_members(j)[within]))
+
+    def _sorted_members(self, bucket: int) -> torch.Tensor:
+        if bucket not in self._cached:
+            values = self._members(bucket)
+            values = torch.sort(values[values != 0].to("cpu"), descending=True).values
+            while self._cached and sum(v.numel() for v in self._cached.values()) + values.numel() > self._keep:
+                self._cached.pop(next(iter(self._cached)))  # the oldest first
+            self._cached[bucket] = values
+        return self._cached[bucket]
+
+
+def _bits_to_float(bits: int) -> float:
+    return float(torch.tensor(bits, dtype=torch.int32).view(torch.float32))
+
+
 def magnitude_threshold(table: MagnitudeTable, density: float) -> torch.Tensor:
     """Threshold for keeping the top ``density`` fraction of ``table``'s delta (a lookup)."""
     return table.threshold(density)
@@ -215,7 +292,8 @@ def row_rank_norm(delta: torch.Tensor) -> torch.Tensor:
     x = delta.detach().float()
     x = x.reshape(1, -1) if x.dim() < 2 else x
     m = x.shape[1]
-    ranks = torch.argsort(torch.argsort(x.abs(), dim=1, stable=True), dim=1).float()
+    order = torch.argsort(x.abs(), dim=1, stable=True)  # one sort; the ranks scattered back
+    ranks = torch.empty_like(x).scatter_(1, order, torch.arange(m, dtype=x.dtype, device=x.device).expand_as(x))
     norm = ranks / (m - 1) if m > 1 else torch.full_like(ranks, 0.5)
     return norm.reshape(delta.shape)
 
@@ -349,19 +427,22 @@ def linear(
 
 
 def combine_task_vectors(
-    base32: torch.Tensor, stacked: torch.Tensor, coefficients: torch.Tensor, base_scale: float = 1.0
+    base: torch.Tensor, sources: Sequence[torch.Tensor], coefficients: torch.Tensor, base_scale: float = 1.0,
 ) -> torch.Tensor:
-    """``base_scale * base + sum_i c_i delta_i`` in one pass over the stacked fp32 task vectors
-    (``stacked``: [N, *shape], ``coefficients``: [N]); one matrix product, the memory roofline of
-    every linear method (task_arithmetic and linear reduce to it). Returns fp32."""
-    if stacked.shape[1:] != base32.shape or coefficients.shape != (stacked.shape[0],):
+    """``base_scale * base + sum_i c_i (source_i - base)``, every linear method (linear,
+    task_arithmetic, slerp's two-term form) in one elementwise pass over the sources in their
+    own dtype: each task vector exists only in registers, in fp32 (``coefficients``: [N]).
+    Returns fp32."""
+    if len(sources) != coefficients.shape[0] or any(x.shape != base.shape for x in sources):
         raise ValueError(
-            f"combine_task_vectors: base {tuple(base32.shape)}, stack {tuple(stacked.shape)}, "
+            f"combine_task_vectors: base {tuple(base.shape)}, sources {[tuple(x.shape) for x in sources]}, "
             f"coefficients {tuple(coefficients.shape)} do not agree"
         )
-    out = torch.addmm(base32.reshape(1, -1), coefficients.view(1, -1), stacked.reshape(stacked.shape[0], -1),
-                      beta=base_scale)
-    return out.view(base32.shape)
+    base32 = base.float()
+    acc = base32 * base_scale
+    for i, source in enumerate(sources):
+        acc = acc + coefficients[i] * (source.float() - base32)
+    return acc
 
 
 def _masked_row(
@@ -374,7 +455,7 @@ def _masked_row(
     epsilon: Optional[torch.Tensor],
     rank_norms: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source ``i``'s sparsified task vector (``row``, flat) in ``gta_stacked``, and its keep
+    """Source ``i``'s sparsified task vector (``row``, flat) in ``gta_fused``, and its keep
     probability p (a scalar, or per element for DELLA)."""
     p = density[i]
     masked = row
@@ -385,7 +466,7 @@ def _masked_row(
         masked = torch.where(mags >= low[i], masked, 0.0)
     if keys is not None:
         if epsilon is not None and rank_norms is not None:
-            p = (p - epsilon[i]) + rank_norms[i].reshape(-1) * (2 * epsilon[i])
+            p = (p - epsilon[i]) + rank_norms[i].reshape(-1).float() * (2 * epsilon[i])
         index = _flat_index(row.numel(), row.device)
         masked = torch.where(hash_uniform(index, keys[i]) < p, row, 0.0)
     return masked, p
@@ -400,7 +481,8 @@ def _norm(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def masked_norm(
-    stacked: torch.Tensor,
+    base: torch.Tensor,
+    sources: Sequence[torch.Tensor],
     density: torch.Tensor,
     low: Optional[torch.Tensor] = None,
     high: Optional[torch.Tensor] = None,
@@ -409,19 +491,19 @@ def masked_norm(
     rank_norms: Optional[torch.Tensor] = None,
     kind: str = "l1",
 ) -> torch.Tensor:
-    """[N] norms of the task vectors as ``gta_stacked`` masks them (its ``after``). Compiled
+    """[N] norms of the task vectors as ``gta_fused`` masks them (its ``after``). Compiled
     apart it is one cheap reduction per source; inside the main kernel it makes the compiler
-    write the whole masked stack to memory and read it back."""
-    rows = stacked.reshape(stacked.shape[0], -1)
+    write the whole masked set to memory and read it back."""
+    base32 = base.reshape(-1).float()
     return torch.stack([
-        _norm(_masked_row(rows[i], i, density, low, high, keys, epsilon, rank_norms)[0], kind)
-        for i in range(rows.shape[0])
+        _norm(_masked_row(x.reshape(-1).float() - base32, i, density, low, high, keys, epsilon, rank_norms)[0], kind)
+        for i, x in enumerate(sources)
     ])
 
 
-def gta_stacked(
-    base32: torch.Tensor,
-    stacked: torch.Tensor,
+def gta_fused(
+    base: torch.Tensor,
+    sources: Sequence[torch.Tensor],
     weights: torch.Tensor,
     density: torch.Tensor,
     low: Optional[torch.Tensor] = None,
@@ -436,13 +518,14 @@ def gta_stacked(
     normalize: bool = True,
     lambda_: float = 1.0,
 ) -> torch.Tensor:
-    """Every sparsify-then-combine method (mergekit's GTA family) over stacked fp32 task vectors,
-    written so a compiler makes it one elementwise pass.
+    """Every sparsify-then-combine method (mergekit's GTA family) over the sources in their own
+    dtype, written so a compiler makes it one elementwise pass: each task vector
+    (source - base, fp32) exists only in registers.
 
     Per-source [N] vectors: ``weights`` (0 removes a source), ``density``. The mask is either
     magnitude bounds (``low <= |delta|``, and ``<= high`` when given: TIES, breadcrumbs) or
     random (``keys``: each source's stream, keep where :func:`hash_uniform` < p with p = density,
-    or with ``epsilon`` and ``rank_norms`` ([N, *shape], :func:`row_rank_norm`) DELLA's
+    or with ``epsilon`` and ``rank_norms`` (one per source, :func:`row_rank_norm`) DELLA's
     p = density - epsilon + 2 epsilon rank). ``rescale``: None, "l1", "l2", "linf" (``norms``:
     each task vector's norm before masking; ``after``: after masking, from :func:`masked_norm`,
     computed here when not given) or "keep_prob" (divide by p). ``consensus``: "sum", "count"
@@ -452,10 +535,10 @@ def gta_stacked(
     flat elementwise expression, which the compiler keeps in registers; reductions over an
     [N, numel] dimension instead make it write masked stacks to memory and read them back.
     """
-    rows = stacked.reshape(stacked.shape[0], -1)
+    base32 = base.reshape(-1).float()
     kept = []
-    for i in range(rows.shape[0]):
-        masked, p = _masked_row(rows[i], i, density, low, high, keys, epsilon, rank_norms)
+    for i, x in enumerate(sources):
+        masked, p = _masked_row(x.reshape(-1).float() - base32, i, density, low, high, keys, epsilon, rank_norms)
         scale = weights[i]
         if rescale == "keep_prob":
             masked = masked / p
@@ -477,13 +560,13 @@ def gta_stacked(
             divisor = sum((torch.where(a, weights[i + 1], 0.0) for i, a in enumerate(agree[1:])),
                           torch.where(agree[0], weights[0], 0.0))
             merged = merged / torch.where(divisor == 0, 1.0, divisor)
-    return (base32.reshape(-1) + lambda_ * merged).view(base32.shape)
+    return (base32 + lambda_ * merged).view(base.shape)
 
 
-def stacked_norm(stacked: torch.Tensor, kind: str) -> torch.Tensor:
-    """[N] norms of stacked task vectors before masking, as ``gta_stacked``'s rescale uses them."""
-    rows = stacked.reshape(stacked.shape[0], -1)
-    return torch.stack([_norm(row, kind) for row in rows])
+def task_vector_norms(base: torch.Tensor, sources: Sequence[torch.Tensor], kind: str) -> torch.Tensor:
+    """[N] norms of the task vectors before masking, as ``gta_fused``'s rescale uses them."""
+    base32 = base.reshape(-1).float()
+    return torch.stack([_norm(x.reshape(-1).float() - base32, kind) for x in sources])
 
 
 def _gta(
@@ -745,9 +828,11 @@ __all__ = [
     "della_linear",
     "linear",
     "combine_task_vectors",
-    "gta_stacked",
-    "stacked_norm",
+    "gta_fused",
+    "task_vector_norms",
     "masked_norm",
+    "MagnitudeHistogram",
+    "magnitude_counts",
     "hash_uniform",
     "random_key",
     "uniform_like",
