@@ -154,7 +154,7 @@ def build_models(args: argparse.Namespace, workdir: Path) -> dict[str, Path]:
 
     spec = {
         "hidden": args.hidden, "layers": args.layers, "intermediate": args.intermediate,
-        "vocab": args.vocab, "heads": args.heads, "experts": N_EXPERTS, "seed": args.seed,
+        "vocab": args.vocab, "heads": args.heads, "kv_heads": args.kv_heads, "experts": N_EXPERTS, "seed": args.seed,
         "noise": args.noise, "dtype": "bfloat16",
     }
     names = ["base"] + [f"expert{i}" for i in range(N_EXPERTS)]
@@ -174,7 +174,7 @@ def build_models(args: argparse.Namespace, workdir: Path) -> dict[str, Path]:
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.heads, max_position_embeddings=2048,
+        num_key_value_heads=args.kv_heads, max_position_embeddings=2048,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
@@ -382,6 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--intermediate", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--heads", type=int, default=None, help="attention heads (default hidden/64)")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
     p.add_argument("--candidates", type=int, default=10)
     p.add_argument("--mergekit-candidates", type=int, default=None,
                    help="candidates for the mergekit API peer (default --candidates; its ties is slow)")
@@ -398,6 +399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="cProfile one fuse_evo materialize per method")
     args = p.parse_args(argv)
     args.heads = args.heads or max(1, args.hidden // 64)
+    args.kv_heads = args.kv_heads or args.heads
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.peers = [x.strip() for x in args.peers.split(",") if x.strip()]
     for m in args.methods:

@@ -85,9 +85,21 @@ def _search(cfg: DictConfig) -> None:
         raise FuseEvoError(nothing_scored(result))
 
 
+def _plan(cfg: DictConfig) -> None:
+    from .search.plan import plan_memory, resolve_models, space_models
+
+    command = OmegaConf.to_object(cfg)
+    models = resolve_models(command.models, progress=command.run.progress)
+    memory = plan_memory(command, models, space_models(command.space, models), command.cluster)
+    if memory is None:
+        raise FuseEvoError("fuse-evo plan: the models are hub ids, not local folders; download them first")
+    print(memory.text())
+
+
 COMMANDS: dict[str, tuple[str, Callable[[DictConfig], None], str]] = {
     "zoo": ("zoo", _zoo, "build (or reuse) the offline model zoo and print its score table"),
     "search": ("search", _search, "evolve merge coefficients (experiment=NAME); the same command resumes"),
+    "plan": ("search", _plan, "print a search's memory plan per worker (plan.gpu_memory_gb=80 ...) and exit"),
 }
 # commands with plain flags (their arguments are files and folders, not a composed config):
 # the module whose ``main(argv)`` parses them, imported when the command runs

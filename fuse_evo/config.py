@@ -275,6 +275,9 @@ class RunConfig:
     trust_checkpoint: bool = False
 
 
+PLACEMENTS = ("gpu", "stream", "cpu")  # where a worker keeps the sources, fastest first
+
+
 @dataclass
 class ClusterConfig:
     """Where candidates are scored: ``serial`` (one worker in the search's own process) or
@@ -290,6 +293,10 @@ class ClusterConfig:
     0; a worker's torch threads default to its CPUs). ``mode``: ``async`` gives a free worker the next
     candidate at once; ``generational`` dispatches ``num_workers`` candidates, waits for all
     and reports them in candidate order (a barrier, as a serial run orders them).
+    ``placement``: where each worker keeps the sources (``auto``: the fastest that fits, from
+    the memory plan printed at the start; ``gpu`` resident on the worker's GPU, ``stream`` in
+    pinned host memory copied to the GPU a tensor at a time, ``cpu`` memory-mapped and merged
+    on the host; the live model is on ``run.device`` in every case).
     ``max_retries``: how often a candidate is retried after its worker process died (the
     worker is restarted and its sources reloaded first); then it is archived as failed.
     ``max_restarts``: worker restarts in all before the run stops (resumable); a worker killed
@@ -299,6 +306,7 @@ class ClusterConfig:
     """
 
     backend: str = "serial"
+    placement: str = "auto"
     address: Optional[str] = None
     num_workers: Optional[int] = 1
     num_cpus: Optional[float] = None
@@ -308,6 +316,19 @@ class ClusterConfig:
     max_retries: int = 2
     max_restarts: int = 20
     start_timeout_s: float = 1800.0
+
+
+@dataclass
+class PlanConfig:
+    """The node a search's memory plan is made for (``fuse-evo plan`` prints it and exits):
+    null fields mean this machine (its first GPU's free memory, its physical memory, the
+    cluster's workers). ``sequence_length``: the longest request the evaluator scores, for
+    its activations estimate (with ``evaluator.batch_size``)."""
+
+    gpu_memory_gb: Optional[float] = None
+    host_memory_gb: Optional[float] = None
+    workers_per_node: Optional[int] = None
+    sequence_length: int = 2048
 
 
 @dataclass
@@ -323,12 +344,13 @@ class SearchCommand:
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 # keys that may change between a run and its resume without changing what is searched (a
 # sweep job's directory name leaves them out too)
 RESUME_SAFE = ("run.budget", "strategy.budget", "run.overwrite", "run.progress", "run.id", "run.dir",
-               "run.threads", "run.dashboard", "run.trust_checkpoint", "cluster", "strategy.num_workers")
+               "run.threads", "run.dashboard", "run.trust_checkpoint", "cluster", "strategy.num_workers", "plan")
 
 
 def register() -> None:

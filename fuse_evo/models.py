@@ -14,9 +14,10 @@ import math
 import mmap
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -346,7 +347,11 @@ class ModelPool:
             raise FuseEvoError(f"model {weights!r}: not the base {self.base.name!r} nor a source {self.names}")
         tensors = self.base.tensors if weights in (None, self.base.name) else self.sources[weights].tensors
         config = AutoConfig.from_pretrained(self.base.path, trust_remote_code=self.trust_remote_code)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=self.trust_remote_code)
+        dtype = dtype or next(iter(self.base.tensors.values())).dtype
+        # built in its final dtype on its device, weights left uninitialized (they are loaded
+        # next): no fp32 copy, no random init of a model-sized tensor, at 7B a 28 GB transient
+        with _no_init_weights(), _default_dtype(dtype), torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=self.trust_remote_code)
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and _HEAD.search(k)}
         if set(missing) - tied or unexpected:
@@ -355,7 +360,26 @@ class ModelPool:
                 f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}"
             )
         model.tie_weights()
-        return model.to(device=device, dtype=dtype or next(iter(self.base.tensors.values())).dtype).eval()
+        return model.to(device=device, dtype=dtype).eval()
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype.is_floating_point else before)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def _no_init_weights():
+    """transformers' context that skips weight initialization (its home moved in v5)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def _embedding_rows(m: LoadedModel) -> int | None:

@@ -36,3 +36,28 @@ def test_ray_gpu_worker(micro_zoo, tmp_path):
     with Archive.open(tmp_path / "ray") as archive:
         trials = archive.trials()
     assert all(t.status == "complete" and "cuda" in t.worker for t in trials)
+
+
+@pytest.mark.parametrize("placement", ["gpu", "stream", "cpu"])
+def test_each_placement_on_cuda_gives_the_cpus_tensors(micro_zoo, placement):
+    """The live model on CUDA, the sources resident there, streamed there or merged on the
+    host: the merged weights equal the CPU engine's (fp32 math on both)."""
+    import time
+
+    from fuse_evo.merge.engine import MergeEngine
+    from fuse_evo.merge.live import LiveMerge
+    from fuse_evo.models import ModelPool
+    from fuse_evo.recipe import Recipe
+
+    models = micro_zoo["models"]
+    pool = ModelPool(models["base"]["path"], {n: m["path"] for n, m in models.items() if m["skill"]})
+    recipe = Recipe("ties", tuple(pool.names), groups={"*": {"*": {"weight": 0.6, "density": 0.4}}}, seed=1)
+    cpu = MergeEngine(pool, device="cpu").materialize(recipe, into=pool.new_model()).state_dict()
+    live = LiveMerge(pool, device="cuda", placement=placement)
+    t0 = time.perf_counter()
+    merged = live.load(recipe).state_dict()
+    torch.cuda.synchronize()
+    print(f"[gpu] placement {placement}: first materialize {time.perf_counter() - t0:.3f}s")
+    assert live.device.type == "cuda" and (live.engine.device.type == "cpu") == (placement == "cpu")
+    for name, value in cpu.items():
+        torch.testing.assert_close(merged[name].cpu(), value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -80,6 +80,34 @@ def test_our_merge_file_rebuilds_an_export(micro_zoo, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_merge_writes_shard_by_shard_what_the_live_model_holds(micro_zoo, tmp_path):
+    """Small shards: several files and an index, loadable by transformers, holding exactly the
+    engine's merge into a live model (written tensor by tensor, no second model in memory);
+    a dtype in the merge file is the saved one."""
+    from transformers import AutoModelForCausalLM
+
+    from fuse_evo.merge.live import LiveMerge
+
+    base, inc, rev, shift = _paths(micro_zoo)
+    recipe = Recipe("ties", ("inc", "shift"), groups={"*": {"*": {"weight": 0.7, "density": 0.4}}})
+    merge = {"sources": {"base": base, "inc": inc, "shift": shift}, "recipe": recipe.to_dict(), "dtype": "bfloat16"}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(merge))
+    out = merge_file(tmp_path / "m.yaml", tmp_path / "sharded", max_shard_size="40KB")
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and (out / "model.safetensors.index.json").exists()
+    saved = _load_dir(out)
+    pool = ModelPool(base, {"inc": inc, "shift": shift})
+    live = LiveMerge(pool, device="cpu", dtype="bfloat16").load(recipe).state_dict()
+    assert saved.keys() == set(pool.tensor_names)
+    assert all(saved[k].dtype == torch.bfloat16 and torch.equal(saved[k], live[k]) for k in saved)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(model.state_dict()[pool.tensor_names[0]], saved[pool.tensor_names[0]])
+    run = subprocess.run([sys.executable, "-m", "fuse_evo.cli", "merge", str(tmp_path / "m.yaml"), "--out",
+                          str(tmp_path / "o"), "--max-shard-size", "lots"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--max-shard-size: 'lots' is not a size" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "o").exists()
+
+
 def test_mergekit_config_reads_gradients_filters_and_precedence(micro_zoo):
     base, inc, rev, shift = _paths(micro_zoo)
     cfg = parse(_config(micro_zoo, "ties"))

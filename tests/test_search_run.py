@@ -94,6 +94,7 @@ def test_end_to_end_each_backend(micro_zoo, tmp_path, strategy):
     np.testing.assert_allclose(first[0].genome, 1 / 3)
     log = (run_dir / "search.log").read_text()
     assert "trial 5 (candidate" in log and "finished its budget: 6 evaluations" in log
+    assert "memory plan per worker" in log and "<- chosen" in log  # planned before the models loaded
 
     # the dashboard study mirrors the archive
     study = optuna.load_study(study_name=f"micro-{archive.run_id}", storage=archive.url)

@@ -195,11 +195,14 @@ def plain_parameter_count(path: LayerPath, models: Mapping[str, nn.Module]) -> i
     return sum(frame.values()) + sum(p.numel() for layer in layers for p in layer.parameters())
 
 
-def build_router(pool: Any, engine: Any, live: nn.Module, dataflow: Mapping[str, Any], dtype: Any = None) -> Router:
+def build_router(pool: Any, engine: Any, live: nn.Module, dataflow: Mapping[str, Any], dtype: Any = None,
+                 device: Any = None) -> Router:
     """The router of a data-flow search over a ModelPool: each laid-out model a resident live
     model of its weights (``merged``: ``live``, merged once by the hybrid's recipe with
     ``engine``), routed to the starting path. ``dataflow``: the search's
-    ``{"io_model", "models", "initial", "merged"}``."""
+    ``{"io_model", "models", "initial", "merged"}``; ``device``: the scoring device (default
+    the engine's)."""
+    device = engine.device if device is None else device
     modules = {}
     for name in dataflow["models"]:
         if name == "merged":
@@ -210,7 +213,7 @@ def build_router(pool: Any, engine: Any, live: nn.Module, dataflow: Mapping[str,
             engine.materialize(recipe, into=live)
             modules[name] = live
         else:
-            modules[name] = pool.new_model(dtype=dtype, device=engine.device, weights=name)
+            modules[name] = pool.new_model(dtype=dtype, device=device, weights=name)
     router = Router(modules, dataflow["io_model"])
     router.route(LayerPath.from_dict(dataflow["initial"]))
     return router

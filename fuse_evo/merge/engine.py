@@ -44,19 +44,26 @@ class MergeEngine:
     and the sources fit, else CPU). The pool's tensors are used as they are on the CPU (no
     copy, no dtype conversion); on another device they are copied there once, in their dtype.
     ``cache_bytes``: what DELLA's per-row rank tables may hold (recomputed past it; default
-    2% of the sources' bytes).
+    2% of the sources' bytes). ``stream``: keep the sources in pinned host memory and copy
+    them to ``device`` (CUDA) a tensor at a time, the next tensor's copy overlapping the
+    current merge (the memory plan's ``stream`` placement).
     """
 
     def __init__(self, pool: ModelPool, device: str | torch.device | None = None,
-                 cache_bytes: int | None = None):
+                 cache_bytes: int | None = None, stream: bool = False):
         self.pool = pool
         self.device = torch.device(device) if device is not None else _default_device(pool)
+        if stream and self.device.type != "cuda":
+            raise FuseEvoError(f"the streaming placement copies sources to a CUDA device, not {self.device}")
+        self.stream = stream
+        home = torch.device("cpu") if stream else self.device
         self.shapes = {k: t.shape for k, t in pool.base.tensors.items()}
         # flat views ([numel]: a compiled kernel sees one layout whatever the tensor's rank)
-        self.base = {k: _resident(t, self.device) for k, t in pool.base.tensors.items()}
+        self.base = {k: _resident(t, home, stream) for k, t in pool.base.tensors.items()}
         self.order = {name: i for i, name in enumerate(pool.sources)}
-        self.sources = {k: [_resident(src.tensors[k], self.device) for src in pool.sources.values()]
+        self.sources = {k: [_resident(src.tensors[k], home, stream) for src in pool.sources.values()]
                         for k in self.base}
+        self._window: dict[str, list[torch.Tensor]] = {}  # streaming: the tensor being merged, on device
         self.nbytes = sum(t.numel() * t.element_size() for ts in [list(self.base.values())]
                           + list(self.sources.values()) for t in ts)
         self.cache_bytes = int(0.02 * self.nbytes) if cache_bytes is None else cache_bytes
@@ -67,12 +74,17 @@ class MergeEngine:
         self._checked: set[str] = set()
 
     def source(self, model: str, tensor: str) -> torch.Tensor:
-        """Source ``model``'s tensor ``tensor``, flat, resident, in its own dtype."""
-        return self.sources[tensor][self.order[model]]
+        """Source ``model``'s tensor ``tensor``, flat, in its own dtype, on the merge device."""
+        window = self._window.get(tensor)
+        return window[1 + self.order[model]] if window else self.sources[tensor][self.order[model]]
+
+    def _base(self, tensor: str) -> torch.Tensor:
+        window = self._window.get(tensor)
+        return window[0] if window else self.base[tensor]
 
     def task_vector(self, model: str, tensor: str) -> torch.Tensor:
         """fp32 ``source - base`` of one tensor, shaped: computed on demand, never kept."""
-        return ops.task_vector(self.base[tensor], self.source(model, tensor)).view(self.shapes[tensor])
+        return ops.task_vector(self._base(tensor), self.source(model, tensor)).view(self.shapes[tensor])
 
     @property
     def table_bytes(self) -> int:
@@ -149,21 +161,23 @@ class MergeEngine:
         copy for small tensors (at most 64K values), else a histogram from one streaming pass."""
         key = (model, tensor)
         if key not in self._tables:
-            base, source = self.base[tensor], self.source(model, tensor)
+            base, source = self._base(tensor), self.source(model, tensor)
             if base.numel() <= _SORTED_UP_TO:
                 self._tables[key] = ops.MagnitudeTable(ops.task_vector(base, source))
             else:
                 index = _fused(ops.magnitude_counts)(base, source)
                 counts = torch.bincount(index, minlength=2 * ops.BUCKETS)
                 del index
-                self._tables[key] = ops.MagnitudeHistogram(
-                    counts, lambda bucket: _fused(ops.bucket_members)(base, source, bucket))
+                # the tensors looked up when a bucket is refined (during this tensor's merge),
+                # never held by the table: a streamed source is on the device only then
+                self._tables[key] = ops.MagnitudeHistogram(counts, lambda bucket: _fused(ops.bucket_members)(
+                    self._base(tensor), self.source(model, tensor), bucket))
         return self._tables[key]
 
     def _cosine(self, model: str, tensor: str) -> float:
         key = (model, tensor)
         if key not in self._cosines:
-            self._cosines[key] = ops.slerp_cosine(self.base[tensor], self.source(model, tensor))
+            self._cosines[key] = ops.slerp_cosine(self._base(tensor), self.source(model, tensor))
         return self._cosines[key]
 
     @torch.no_grad()
@@ -172,7 +186,7 @@ class MergeEngine:
         pass: fp32 inside, cast once as it is written. Returns a 0-d flag, True when every
         written value is finite (read it once per model: no device sync per tensor)."""
         group = self.pool.groups[name]
-        base = self.base[name]
+        base = self._base(name)
         models = recipe.models
         g = recipe.parameters
         family = spec(recipe.method).family
@@ -197,6 +211,7 @@ class MergeEngine:
         """One tensor's merge as a new tensor (default: the base's dtype), shaped; for
         writers that save a merge tensor by tensor."""
         out = torch.empty(self.shapes[name], dtype=dtype or self.base[name].dtype, device=self.device)
+        self._fetch_now(name)
         if not bool(self.merge_into(recipe, name, out)):
             raise NonFiniteMerge(f"merged tensor {name!r} is not finite (inf or nan) in {out.dtype}: "
                                  "the recipe's coefficients overflow it")
@@ -219,7 +234,7 @@ class MergeEngine:
         scale = (1.0 / total if normalize else 1.0) * (1.0 if linear else float(g.get("lambda", 1.0)))
         base_scale = total if linear and not normalize else 1.0
         sources = [self.source(m, name) for m in recipe.models]
-        return _writer(ops.combine_task_vectors)(out, self.base[name], sources,
+        return _writer(ops.combine_task_vectors)(out, self._base(name), sources,
                                                  self._vector([w * scale for w in weights]), base_scale)
 
     def _gta(self, recipe: Recipe, name: str, per: list[dict[str, float]], out: torch.Tensor) -> torch.Tensor:
@@ -250,7 +265,7 @@ class MergeEngine:
             if s.sparsify == "ranked":
                 args["epsilon"] = vec([p["epsilon"] if p["density"] < 1 else 0.0 for p in per])
                 args["rank_norms"] = [self._rank_norm(m, name) for m in models]
-        base, sources = self.base[name], [self.source(m, name) for m in models]
+        base, sources = self._base(name), [self.source(m, name) for m in models]
         if rescale in ("l1", "l2", "linf"):
             args["norms"] = torch.stack([self._norm(m, name, rescale) for m in models])
             mask = {k: args.get(k) for k in ("density", "low", "high", "keys", "epsilon", "rank_norms")}
@@ -271,7 +286,7 @@ class MergeEngine:
     def _norm(self, model: str, name: str, kind: str) -> torch.Tensor:
         key = (model, name, kind)
         if key not in self._norms:
-            self._norms[key] = ops.task_vector_norms(self.base[name], [self.source(model, name)], kind)[0]
+            self._norms[key] = ops.task_vector_norms(self._base(name), [self.source(model, name)], kind)[0]
         return self._norms[key]
 
     def _rank_norm(self, model: str, name: str) -> torch.Tensor:
@@ -286,6 +301,27 @@ class MergeEngine:
             self._ranks[key] = ranks
         return ranks
 
+    def _fetch(self, name: str, copier: "torch.cuda.Stream") -> tuple[list[torch.Tensor], "torch.cuda.Event"]:
+        """Start copying one tensor's base and sources to the device on ``copier``."""
+        with torch.cuda.stream(copier):
+            tensors = [t.to(self.device, non_blocking=True) for t in [self.base[name], *self.sources[name]]]
+            event = torch.cuda.Event()
+            event.record(copier)
+        return tensors, event
+
+    def _arrived(self, tensors: list[torch.Tensor], event: "torch.cuda.Event") -> list[torch.Tensor]:
+        """The fetched tensors, once their copy is done, owned by the merging stream."""
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        for t in tensors:
+            t.record_stream(current)
+        return tensors
+
+    def _fetch_now(self, name: str) -> None:
+        """Streaming, outside ``materialize``: one tensor's sources onto the device now."""
+        if self.stream and name not in self._window:
+            self._window = {name: self._arrived(*self._fetch(name, torch.cuda.Stream(self.device)))}
+
     @torch.no_grad()
     def materialize(self, recipe: Recipe, into: torch.nn.Module) -> torch.nn.Module:
         """Write the recipe's merge into ``into`` (a model of the base's architecture) in place."""
@@ -297,12 +333,24 @@ class MergeEngine:
         if missing:
             raise FuseEvoError(f"the live model has no tensor {missing[0]!r}: not a model of the base's architecture")
         finite = []  # one flag per float tensor, read once at the end: no device sync per tensor
-        for name in self.base:
-            target = targets[name]
-            if target.is_floating_point():
-                finite.append((name, self.merge_into(recipe, name, target)))
-            else:
-                target.copy_(self.merged(recipe, name).to(target.dtype))
+        names = list(self.base)
+        copier = torch.cuda.Stream(self.device) if self.stream else None
+        pending = self._fetch(names[0], copier) if copier else None
+        try:
+            for i, name in enumerate(names):
+                if copier:  # this tensor's copy done; the next one's starts while it merges
+                    self._window = {name: self._arrived(*pending)}
+                    pending = self._fetch(names[i + 1], copier) if i + 1 < len(names) else None
+                target = targets[name]
+                if target.is_floating_point() and target.device == self.device:
+                    finite.append((name, self.merge_into(recipe, name, target)))
+                else:  # another device (the live model on the GPU, the sources merged on the host)
+                    merged = torch.empty(self.shapes[name], dtype=target.dtype if target.is_floating_point()
+                                         else self.base[name].dtype, device=self.device)
+                    finite.append((name, self.merge_into(recipe, name, merged)))
+                    target.copy_(merged)
+        finally:
+            self._window = {}
         if finite and not bool(torch.stack([f for _, f in finite]).all()):
             name = next(n for n, f in finite if not bool(f))
             raise NonFiniteMerge(f"merged tensor {name!r} is not finite (inf or nan) in "
@@ -357,9 +405,11 @@ def _fused(fn: Callable) -> Callable:
 _SORTED_UP_TO = 1 << 16  # tensors this small keep a sorted |delta| (<= 256 KB) instead of a histogram
 
 
-def _resident(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """One tensor flat on ``device`` in its own dtype: on the CPU the pool's view itself."""
-    return tensor.reshape(-1).to(device)
+def _resident(tensor: torch.Tensor, device: torch.device, pinned: bool = False) -> torch.Tensor:
+    """One tensor flat on ``device`` in its own dtype: on the CPU the pool's view itself
+    (``pinned``: a copy in page-locked memory, for asynchronous copies to the GPU)."""
+    flat = tensor.reshape(-1).to(device)
+    return flat.pin_memory() if pinned else flat
 
 
 def _default_device(pool: ModelPool, headroom: float = 0.8) -> torch.device:

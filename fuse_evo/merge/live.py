@@ -36,8 +36,9 @@ def torch_dtype(name: str | None, where: str) -> torch.dtype | None:
 class LiveMerge:
     """A pool's engine and live model, ready to become any candidate.
 
-    ``device``: where the resident tensors and the live model live (default: CUDA when the
-    resident set fits, else CPU). ``dtype``: the live model's precision (a name in ``DTYPES``;
+    ``device``: where the live model lives and, without a ``placement``, the sources too
+    (default: CUDA when the sources fit, else CPU). ``placement``: the memory plan's choice
+    (``merge.placement``): ``gpu``, ``stream`` or ``cpu`` (sources merged on the host). ``dtype``: the live model's precision (a name in ``DTYPES``;
     None: the checkpoint's). ``dataflow``: a data-flow search's ``{"io_model", "models",
     "initial", "merged"}``; its ``merged`` model (the hybrid's recipe) is the live model
     itself when ``route_only`` (a worker that only routes), else a model of its own, so the
@@ -45,23 +46,31 @@ class LiveMerge:
     """
 
     def __init__(self, pool: ModelPool, device: str | torch.device | None = None, dtype: str | None = None,
-                 dataflow: Mapping[str, Any] | None = None, route_only: bool = False):
+                 dataflow: Mapping[str, Any] | None = None, route_only: bool = False, placement: str | None = None):
         self.pool = pool
         self.dtype = dtype
         torch_type = torch_dtype(dtype, "dtype")
-        self.engine = MergeEngine(pool, device=device)
-        self.model = pool.new_model(dtype=torch_type, device=self.engine.device)
+        if placement is None:  # the sources where the live model is (default: CUDA when they fit)
+            self.engine = MergeEngine(pool, device=device)
+            scoring = self.engine.device
+        else:  # the memory plan's choice; the live model on the scoring device in every case
+            scoring = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            self.engine = MergeEngine(pool, device="cpu" if placement == "cpu" else scoring,
+                                      stream=placement == "stream")
+        self.placement = placement
+        self.model = pool.new_model(dtype=torch_type, device=scoring)
         self.tokenizer = pool.tokenizer()
         self.router = None
         if dataflow:
             merged = self.model if route_only else (
-                pool.new_model(dtype=torch_type, device=self.engine.device) if dataflow.get("merged") else None)
-            self.router = build_router(pool, self.engine, merged, dataflow, torch_type)
+                pool.new_model(dtype=torch_type, device=scoring) if dataflow.get("merged") else None)
+            self.router = build_router(pool, self.engine, merged, dataflow, torch_type, scoring)
         self.live: nn.Module = self.router.model if route_only and self.router is not None else self.model
 
     @property
     def device(self) -> torch.device:
-        return self.engine.device
+        """The scoring device: where the live model is."""
+        return next(self.model.parameters()).device
 
     def load(self, candidate: Candidate) -> nn.Module:
         """Make the live model ``candidate``: a Recipe merged into it in place (checked first,

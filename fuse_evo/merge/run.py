@@ -14,8 +14,9 @@ from ..files import read_yaml_mapping
 from ..models import ModelPool, PickledWeights
 from ..recipe import Recipe
 from . import mergekit
-from .live import LiveMerge, torch_dtype
-from .save import check_out, save_merged
+from .engine import MergeEngine
+from .live import torch_dtype
+from .save import check_out, save_from_engine, shard_bytes
 
 
 def _local(ref: Any, here: Path) -> str:
@@ -37,6 +38,7 @@ def merge_file(
 ) -> Path:
     out = Path(out).expanduser().resolve()
     check_out(out, overwrite)
+    shard_bytes(max_shard_size)
     data = read_yaml_mapping(config, f"merge config {config}")
     here = Path(config).resolve().parent
     if "merge_method" in data:
@@ -63,10 +65,10 @@ def merge_file(
         raise e.hint("--allow-pickle") from None
     if "merge_method" in data:
         recipe = mergekit.to_recipe(mk, pool)
-    live = LiveMerge(pool, device=device, dtype=dtype)
-    model = live.load(recipe)
-    return save_merged(model.cpu(), live.tokenizer, out, recipe, sources,
-                       max_shard_size=max_shard_size, overwrite=overwrite)
+    engine = MergeEngine(pool, device=device)
+    engine.check(recipe)
+    return save_from_engine(engine, recipe, pool.tokenizer(), out, sources, dtype=torch_dtype(dtype, "dtype"),
+                            max_shard_size=max_shard_size, overwrite=overwrite)
 
 
 def main(argv: list[str]) -> int:

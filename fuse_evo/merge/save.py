@@ -199,3 +199,77 @@ def save_merged(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def shard_bytes(size: str | int, option: str = "--max-shard-size") -> int:
+    """``2GB``, ``500MB``, ``1GiB`` or a number of bytes, as transformers' ``max_shard_size``."""
+    if isinstance(size, int):
+        return size
+    m = _SIZE.fullmatch(str(size))
+    if not m or float(m.group(1)) <= 0:
+        raise FuseEvoError(f"{option}: {size!r} is not a size such as 2GB, 500MB or 1GiB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+
+
+def save_from_engine(engine, recipe: Recipe, tokenizer, out: str | Path, sources: Mapping[str, str],
+                     dtype=None, scores: Mapping[str, float] | None = None,
+                     max_shard_size: str = DEFAULT_SHARD_SIZE, overwrite: bool = False) -> Path:
+    """Write ``recipe``'s merge as an HF folder tensor by tensor from ``engine`` (a
+    MergeEngine): one shard of merged tensors in memory at a time, never a whole second model.
+    ``dtype``: the saved weights' torch dtype (default: the base's)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out = Path(out).expanduser().resolve()
+    check_out(out, overwrite)
+    limit = shard_bytes(max_shard_size)
+    names = list(engine.base)
+    sizes = {n: engine.base[n].numel() * (dtype or engine.base[n].dtype).itemsize for n in names}
+    shards: list[list[str]] = [[]]
+    held = 0
+    for n in names:  # as transformers shards: a new file once the next tensor would pass the limit
+        if shards[-1] and held + sizes[n] > limit:
+            shards.append([])
+            held = 0
+        shards[-1].append(n)
+        held += sizes[n]
+    files = ([SAFETENSORS_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    tmp = staging_dir(out)
+    try:
+        weight_map = {}
+        for file, shard in zip(files, shards):
+            tensors = {n: engine.merged(recipe, n, dtype).cpu().contiguous() for n in shard}
+            save_file(tensors, tmp / file, metadata={"format": "pt"})
+            weight_map.update({n: file for n in shard})
+            del tensors
+        if len(files) > 1:
+            total = sum(sizes.values())
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        base = Path(engine.pool.base.path)
+        config = json.loads((base / "config.json").read_text())
+        saved = str(dtype or next(iter(engine.base.values())).dtype).removeprefix("torch.")
+        config.update({"torch_dtype": saved, "dtype": saved} if "dtype" in config else {"torch_dtype": saved})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if (base / "generation_config.json").exists():
+            shutil.copy(base / "generation_config.json", tmp / "generation_config.json")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(merge_config(recipe, sources), sort_keys=False))
+        (tmp / "README.md").write_text(model_card(recipe, sources, scores))
+        default_permissions(tmp)
+        replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+SAFETENSORS_FILE = "model.safetensors"

@@ -175,8 +175,9 @@ def _write_trial(archive: Archive, run_dir: Path, live: HeldOutMerge, trial: Tri
     if is_path:
         _save_path_model(live, recipe, info, folder, max_shard_size)
     else:
+        device = live.device
         save_merged(live.model.cpu(), live.tokenizer, folder, recipe, sources, max_shard_size=max_shard_size)
-        live.model.to(live.engine.device)
+        live.model.to(device)
         if live.dtype:  # `fuse-evo merge recipe.yaml` rebuilds in the run's dtype
             data = yaml.safe_load((folder / "recipe.yaml").read_text())
             data["dtype"] = live.dtype

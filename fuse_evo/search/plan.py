@@ -20,6 +20,8 @@ from ..config import (RESUME_SAFE, ClusterConfig, DataFlowSpaceConfig, ModelsCon
 from ..device import check_device
 from ..errors import ConfigError, FuseEvoError
 from ..evaluate.objectives import Objectives
+from ..merge.placement import Machine, MemoryPlan, memory_plan, read_model_bytes
+from ..registry import spec
 from ..recipe import DATAFLOW, DataFlowError, is_path
 from .archive import Archive
 from .dataflow_space import DataFlowSpace
@@ -132,6 +134,7 @@ class Plan:
     worker: WorkerSpec
     strategy: StrategyConfig
     reference: list[float] | None
+    memory: MemoryPlan | None = None
 
     @property
     def budget(self) -> int:
@@ -148,12 +151,7 @@ def make_plan(cmd: SearchCommand, run_id: str, cluster: ClusterConfig, stored: d
     cmd = replace(cmd, run=replace(cmd.run, id=run_id), strategy=strategy, cluster=cluster)
 
     models = resolve_models(cmd.models, progress=cmd.run.progress)
-    space_cfg = cmd.space
-    if not space_cfg.models:
-        space_cfg = replace(space_cfg, models=list(models.sources))
-    unknown = [m for m in space_cfg.models if m not in models.sources]
-    if unknown:
-        raise ConfigError(f"space.models: {unknown} are not source models (models: {list(models.sources)})")
+    space_cfg = space_models(cmd.space, models)
     dataflow = None
     if space_cfg.method == DATAFLOW:
         space, dataflow = _dataflow_space(cmd, space_cfg, models)
@@ -170,11 +168,12 @@ def make_plan(cmd: SearchCommand, run_id: str, cluster: ClusterConfig, stored: d
         evaluator = replace(evaluator, include_path=[models.task_dir])
     if not evaluator.tasks:
         raise ConfigError("evaluator.tasks: name the lm-eval tasks that score a candidate")
+    memory = plan_memory(cmd, models, space_cfg, cluster)
     worker = WorkerSpec(
         base=models.base, sources={m: models.sources[m] for m in space_cfg.models},
         evaluator=evaluator, base_name=space_cfg.base, allow_pickle=cmd.models.allow_pickle,
         trust_remote_code=cmd.models.trust_remote_code, device=cmd.run.device, dtype=cmd.run.dtype,
-        threads=cmd.run.threads, dataflow=dataflow,
+        threads=cmd.run.threads, dataflow=dataflow, placement=memory.chosen if memory else None,
     )
 
     first = (stored or {}).get("strategy") or {}  # a resume: the optimizer planned for its first budget and workers
@@ -185,7 +184,39 @@ def make_plan(cmd: SearchCommand, run_id: str, cluster: ClusterConfig, stored: d
         num_workers=int(first.get("num_workers") or cmd.strategy.num_workers))
     reference = [o.default_reference for o in objectives]
     losses = None if None in reference else objectives.losses(dict(zip(objectives.names, reference)))
-    return Plan(cmd, models, space, objectives, worker, strategy_cfg, losses)
+    return Plan(cmd, models, space, objectives, worker, strategy_cfg, losses, memory)
+
+
+def space_models(space_cfg: Any, models: Models) -> Any:
+    """``space`` with its models filled in (default: every source), each checked a source."""
+    if not space_cfg.models:
+        space_cfg = replace(space_cfg, models=list(models.sources))
+    unknown = [m for m in space_cfg.models if m not in models.sources]
+    if unknown:
+        raise ConfigError(f"space.models: {unknown} are not source models (models: {list(models.sources)})")
+    return space_cfg
+
+
+def plan_memory(cmd: SearchCommand, models: Models, space_cfg: Any, cluster: ClusterConfig) -> MemoryPlan | None:
+    """Each worker's bytes per placement, from the models' headers (no tensor data), for
+    ``cmd.plan``'s node (its unset fields: this machine) and the chosen placement; a
+    PlacementError (exit 2, naming the bytes) when nothing fits. None for a model that is no
+    local folder (a hub id: planned by the worker once downloaded)."""
+    folders = {space_cfg.base: models.base, **{m: models.sources[m] for m in space_cfg.models}}
+    if not all(Path(f).is_dir() for f in folders.values()):
+        return None
+    base = read_model_bytes(space_cfg.base, models.base)
+    sources = [read_model_bytes(m, models.sources[m]) for m in space_cfg.models]
+    sparsify = None if space_cfg.method == DATAFLOW else spec(space_cfg.method).sparsify
+    p = cmd.plan
+    workers = p.workers_per_node or (int(cluster.num_workers or 1) if not cluster.address else 1)
+    here = Machine.here(workers, cmd.run.device)
+    machine = Machine(int(p.gpu_memory_gb * 1e9) if p.gpu_memory_gb is not None else here.gpu_bytes,
+                      int(p.host_memory_gb * 1e9) if p.host_memory_gb is not None else here.host_bytes, workers)
+    return memory_plan(base, sources, machine, live_dtype=cmd.run.dtype,
+                       thresholds=sparsify in ("magnitude", "outliers"), ranks=sparsify == "ranked",
+                       batch_size=cmd.evaluator.batch_size, sequence_length=p.sequence_length,
+                       force=cmd.cluster.placement)
 
 
 def _dataflow_space(cmd: SearchCommand, space_cfg: Any, models: Models) -> tuple[DataFlowSpace, dict[str, Any]]:

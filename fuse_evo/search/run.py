@@ -90,6 +90,8 @@ class Search:
             log.info("%s run %s in %s (%s)", "resuming" if self.resumed else "starting", self.run_id, self.run_dir,
                      cmd.name)
             self.plan = make_plan(cmd, self.run_id, cluster, stored)
+            if self.plan.memory is not None:
+                log.info("%s", self.plan.memory.text())
             self._scheduler_factory = scheduler_factory or (lambda spec: make_scheduler(spec, self.plan.cmd.cluster))
             self._open()
         except BaseException:

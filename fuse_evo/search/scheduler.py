@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from typing import Any
 
+from ..config import PLACEMENTS
 from ..errors import ConfigError
 from .worker import Job, Result, Worker, WorkerSpec
 
@@ -85,6 +86,8 @@ def check_cluster(cluster: Any) -> None:
         raise ConfigError(f"cluster.backend: {cluster.backend!r} is not one of serial, ray")
     if cluster.mode not in MODES:
         raise ConfigError(f"cluster.mode: {cluster.mode!r} is not one of {', '.join(MODES)}")
+    if cluster.placement not in ("auto", *PLACEMENTS):
+        raise ConfigError(f"cluster.placement: {cluster.placement!r} is not one of auto, {', '.join(PLACEMENTS)}")
     for key, least in (("num_workers", 1), ("cpus_per_worker", 0), ("gpus_per_worker", 0), ("max_retries", 0),
                        ("max_restarts", 0)):
         value = getattr(cluster, key)

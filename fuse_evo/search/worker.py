@@ -39,6 +39,7 @@ class WorkerSpec:
     device: str | None = None
     dtype: str | None = None
     threads: int | None = None
+    placement: str | None = None  # the memory plan's choice (None: the sources on ``device``)
     # data-flow searches: {"io_model", "models" (names laid out), "initial" (a LayerPath dict),
     # "merged" (a Recipe dict materialized as the model "merged", or None)}
     dataflow: dict[str, Any] | None = None
@@ -102,7 +103,8 @@ class Worker:
         self.objectives = Objectives(spec.evaluator.objectives, prefix="evaluator.objectives")
         pool = ModelPool(spec.base, spec.sources, allow_pickle=spec.allow_pickle,
                          trust_remote_code=spec.trust_remote_code, base_name=spec.base_name)
-        self.merge = LiveMerge(pool, device=spec.device, dtype=spec.dtype, dataflow=spec.dataflow, route_only=True)
+        self.merge = LiveMerge(pool, device=spec.device, dtype=spec.dtype, dataflow=spec.dataflow, route_only=True,
+                               placement=spec.placement)
         if self.merge.tokenizer is None:
             raise FuseEvoError(f"models.base: {spec.base} has no tokenizer; the evaluator needs one")
         self.evaluator = Evaluator.from_config(self.merge.live, self.merge.tokenizer, spec.evaluator)
