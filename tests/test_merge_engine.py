@@ -232,3 +232,31 @@ def test_histogram_thresholds_and_mixed_dtypes_equal_the_operators(micro_zoo, tm
         torch.testing.assert_close(merged[name], expected, **tolerance, msg=lambda m: f"{method} {name}: {m}")
     if method in ("ties", "breadcrumbs_ties"):
         assert all(isinstance(t, ops.MagnitudeHistogram) for t in retyped._tables.values())
+
+
+def test_the_tables_of_a_bf16_llama_stay_under_five_percent_of_its_sources(tmp_path):
+    """A small bf16 Llama (tensors large enough for histograms) and 2 perturbed copies: after
+    TIES and breadcrumbs candidates, the thresholds' tables hold well under 5% of the bytes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    folders = {}
+    for name in ("base", "a", "b"):
+        if name != "base":
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * p.std() * torch.randn_like(p.float()).to(p.dtype))
+        model.save_pretrained(tmp_path / name)
+        folders[name] = tmp_path / name
+    pool = ModelPool(folders["base"], {"a": folders["a"], "b": folders["b"]})
+    engine = MergeEngine(pool, device="cpu")
+    live = pool.new_model()
+    for method, extra in (("ties", {}), ("breadcrumbs", {"gamma": 0.02})):
+        for density in (0.2, 0.5, 0.9):
+            recipe = Recipe(method, ("a", "b"), groups={"*": {"*": {"weight": 0.5, "density": density, **extra}}})
+            engine.materialize(recipe, into=live)
+    assert any(isinstance(t, ops.MagnitudeHistogram) for t in engine._tables.values())
+    assert engine.table_bytes < 0.05 * engine.nbytes, (engine.table_bytes, engine.nbytes)

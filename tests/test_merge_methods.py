@@ -384,7 +384,9 @@ def test_magnitude_histogram_gives_the_exact_order_statistics(dtype):
     desc = torch.sort((source.float() - base.float()).abs(), descending=True).values
     ranks = [0, 1, 2, 17, 999, 5000, 10000, 19699, 19700, 19999]
     assert [table.at_rank(r) for r in ranks] == [float(desc[r]) for r in ranks]
-    assert table.numel == 20000 and table.nbytes < 400_000 + 400 * 4
+    nonempty = int((counts.view(-1, 2).sum(1) > 0).sum())
+    cached = sum(v.numel() for v in table._cached.values())
+    assert table.numel == 20000 and table.nbytes == 16 * nonempty + 8 + 4 * cached  # nonempty buckets only
     if dtype == torch.float32:
         assert reads  # fp32 deltas fill buckets with distinct values: refined
         before = len(reads)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..device import return_freed_tensors_to_the_os
 from ..errors import FuseEvoError
 from ..models import ModelPool
 from ..recipe import Recipe, RecipeError, TensorGroup
@@ -52,6 +53,7 @@ class MergeEngine:
     def __init__(self, pool: ModelPool, device: str | torch.device | None = None,
                  cache_bytes: int | None = None, stream: bool = False):
         self.pool = pool
+        return_freed_tensors_to_the_os()  # the merges' and scoring's transients never stay in the heap
         self.device = torch.device(device) if device is not None else _default_device(pool)
         if stream and self.device.type != "cuda":
             raise FuseEvoError(f"the streaming placement copies sources to a CUDA device, not {self.device}")
@@ -64,8 +66,8 @@ class MergeEngine:
         self.sources = {k: [_resident(src.tensors[k], home, stream) for src in pool.sources.values()]
                         for k in self.base}
         self._window: dict[str, list[torch.Tensor]] = {}  # streaming: the tensor being merged, on device
-        self.nbytes = sum(t.numel() * t.element_size() for ts in [list(self.base.values())]
-                          + list(self.sources.values()) for t in ts)
+        held = [*self.base.values(), *(t for ts in self.sources.values() for t in ts)]
+        self.nbytes = sum(t.numel() * t.element_size() for t in held)  # the sources' and base's bytes
         self.cache_bytes = int(0.02 * self.nbytes) if cache_bytes is None else cache_bytes
         self._tables: dict[tuple[str, str], ops.MagnitudeTable | ops.MagnitudeHistogram] = {}
         self._ranks: dict[tuple[str, str], torch.Tensor] = {}
@@ -158,7 +160,7 @@ class MergeEngine:
     # ------------------------------------------------------------------ merging
     def _table(self, model: str, tensor: str) -> ops.MagnitudeTable | ops.MagnitudeHistogram:
         """The |delta| order statistics of one source's tensor, built on first use: a sorted
-        copy for small tensors (at most 64K values), else a histogram from one streaming pass."""
+        copy for small tensors (at most 8K values: norms, biases), else a histogram from one streaming pass."""
         key = (model, tensor)
         if key not in self._tables:
             base, source = self._base(tensor), self.source(model, tensor)
@@ -171,7 +173,8 @@ class MergeEngine:
                 # the tensors looked up when a bucket is refined (during this tensor's merge),
                 # never held by the table: a streamed source is on the device only then
                 self._tables[key] = ops.MagnitudeHistogram(counts, lambda bucket: _fused(ops.bucket_members)(
-                    self._base(tensor), self.source(model, tensor), bucket))
+                    self._base(tensor), self.source(model, tensor),
+                    torch.tensor(bucket, dtype=torch.int32, device=self.device)))  # a tensor: no recompile per bucket
         return self._tables[key]
 
     def _cosine(self, model: str, tensor: str) -> float:
@@ -402,7 +405,7 @@ def _fused(fn: Callable) -> Callable:
     return _FUSED[fn]
 
 
-_SORTED_UP_TO = 1 << 16  # tensors this small keep a sorted |delta| (<= 256 KB) instead of a histogram
+_SORTED_UP_TO = 1 << 13  # tensors this small (norms, biases) keep a sorted |delta| (<= 32 KB)
 
 
 def _resident(tensor: torch.Tensor, device: torch.device, pinned: bool = False) -> torch.Tensor:

@@ -176,6 +176,10 @@ class MagnitudeTable:
             grid = grid.round().long()
             self._values, self._scale = desc[grid], resolution / (self.numel - 1)
 
+    @property
+    def nbytes(self) -> int:
+        return self._values.numel() * self._values.element_size()
+
     def at_rank(self, rank: int) -> torch.Tensor:
         """|delta| of the entry at 0-based descending ``rank`` (0-d tensor, no device sync)."""
         if self._scale is None:
@@ -188,7 +192,7 @@ class MagnitudeTable:
         return self.at_rank(_keep_count(density, self.numel) - 1)
 
 
-BUCKET_SHIFT = 16  # |delta|'s fp32 bits >> 16: sign (0), 8 exponent and 7 mantissa bits
+BUCKET_SHIFT = 13  # |delta|'s fp32 bits >> 13: sign (0), 8 exponent and 10 mantissa bits
 BUCKETS = 1 << (31 - BUCKET_SHIFT)
 _LOW_BITS = (1 << BUCKET_SHIFT) - 1
 
@@ -200,7 +204,7 @@ def magnitude_counts(base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return ((bits >> BUCKET_SHIFT) << 1) | ((bits & _LOW_BITS) != 0).to(torch.int32)
 
 
-def bucket_members(base: torch.Tensor, source: torch.Tensor, bucket: int) -> torch.Tensor:
+def bucket_members(base: torch.Tensor, source: torch.Tensor, bucket: int | torch.Tensor) -> torch.Tensor:
     """The fp32 bits of |source - base| where they lie in ``bucket`` with nonzero low bits, 0
     elsewhere (the refinement pass of :class:`MagnitudeHistogram`)."""
     bits = (source.reshape(-1).float() - base.reshape(-1).float()).abs().view(torch.int32)
@@ -209,16 +213,17 @@ def bucket_members(base: torch.Tensor, source: torch.Tensor, bucket: int) -> tor
 
 
 class MagnitudeHistogram:
-    """Exact order statistics of one task vector's |delta| in 384 KB, whatever its size.
+    """Exact order statistics of one task vector's |delta| in tens of KB, whatever its size.
 
-    |delta| >= 0, so its fp32 bit pattern orders like its value: the high 16 bits name one of
-    32768 buckets (1/128 relative width), counted in one pass (``counts``: bincount of
-    :func:`magnitude_counts`). A bucket's "pure" members (zero low bits) all equal its lower
-    edge: for deltas of bf16 or fp16 weights, which carry few significant bits, nearly every
-    member is pure. Only a rank that falls among a bucket's other ("impure") members needs
-    their values: ``members(bucket)`` reads them from the tensor again (one pass; the nonzero
-    entries of :func:`bucket_members`) and the table keeps the most recent ones, up to
-    ``keep`` values (default 1% of the tensor), for the next lookup.
+    |delta| >= 0, so its fp32 bit pattern orders like its value: the high 19 bits name one of
+    2**18 buckets (1/1024 relative width), counted in one pass (``counts``: bincount of
+    :func:`magnitude_counts`); only the nonempty buckets are kept (16 bytes each: a few
+    thousand per tensor, tens of KB). A bucket's "pure" members (zero
+    low bits) all equal its lower edge: for deltas of bf16 or fp16 weights, which carry few
+    significant bits, nearly every member is pure. Only a rank that falls among a bucket's
+    other ("impure") members needs their values: ``members(bucket)`` reads them from the tensor
+    again (one pass; the nonzero entries of :func:`bucket_members`) and the table keeps the
+    most recent ones, up to ``keep`` values (default 1% of the tensor), for the next lookup.
     """
 
     def __init__(self, counts: torch.Tensor, members: Callable[[int], torch.Tensor], keep: Optional[int] = None):
@@ -227,9 +232,11 @@ class MagnitudeHistogram:
         self.numel = int(total.sum())
         if self.numel == 0:
             raise ValueError("MagnitudeHistogram: empty tensor")
-        # _fewer[i]: elements in the buckets >= BUCKETS - i (i = 0: none), non-decreasing
-        self._fewer = torch.cat([torch.zeros(1, dtype=torch.int64), total.flip(0).cumsum(0)])
-        self._impure = counts[:, 1].to(torch.int32)
+        buckets = torch.nonzero(total).flatten().flip(0)  # nonempty buckets, largest first
+        self._buckets = buckets.to(torch.int32)
+        # _fewer[i]: elements in the i largest nonempty buckets (non-decreasing, _fewer[0] = 0)
+        self._fewer = torch.cat([torch.zeros(1, dtype=torch.int64), total[buckets].cumsum(0)])
+        self._impure = counts[buckets, 1].to(torch.int32)
         self._members = members
         self._keep = max(1, self.numel // 100) if keep is None else keep
         self._cached: dict[int, torch.Tensor] = {}
@@ -237,19 +244,19 @@ class MagnitudeHistogram:
     @property
     def nbytes(self) -> int:
         """Bytes held: the counts plus the cached members of impure buckets."""
-        held = self._fewer.numel() * 8 + self._impure.numel() * 4
+        held = sum(t.numel() * t.element_size() for t in (self._buckets, self._fewer, self._impure))
         return held + sum(v.numel() * 4 for v in self._cached.values())
 
     def at_rank(self, rank: int) -> float:
         """|delta| of the entry at 0-based descending ``rank``."""
         if not 0 <= rank < self.numel:
             raise ValueError(f"MagnitudeHistogram: rank {rank} outside 0..{self.numel - 1}")
-        i = int(torch.searchsorted(self._fewer, rank, right=True))  # _fewer[i - 1] <= rank < _fewer[i]
-        j = BUCKETS - i
-        within = rank - int(self._fewer[i - 1])  # impure members (the larger ones) come first
-        if within >= int(self._impure[j]):
-            return _bits_to_float(j << BUCKET_SHIFT)
-        return _bits_to_float(int(self._sorted_members(j)[within]))
+        i = int(torch.searchsorted(self._fewer, rank, right=True)) - 1  # _fewer[i] <= rank < _fewer[i + 1]
+        bucket = int(self._buckets[i])
+        within = rank - int(self._fewer[i])  # impure members (the larger ones) come first
+        if within >= int(self._impure[i]):
+            return _bits_to_float(bucket << BUCKET_SHIFT)
+        return _bits_to_float(int(self._sorted_members(bucket)[within]))
 
     def _sorted_members(self, bucket: int) -> torch.Tensor:
         if bucket not in self._cached:

@@ -27,8 +27,8 @@ HEADROOM = 0.9  # of a device's memory a plan may fill: allocator fragmentation,
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 NAMED_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
-_HISTOGRAM_BYTES = 384 * 1024  # ops.MagnitudeHistogram's counts
-_SORTED_UP_TO = 1 << 16  # engine._SORTED_UP_TO: smaller tensors keep a sorted fp32 copy
+_HISTOGRAM_BYTES = 256 * 1024  # ops.MagnitudeHistogram's nonempty buckets (16 B each; typically < 100 KB)
+_SORTED_UP_TO = 1 << 13  # engine._SORTED_UP_TO: smaller tensors keep a sorted fp32 copy
 
 
 class PlacementError(FuseEvoError):
@@ -165,7 +165,12 @@ class MemoryPlan:
         lines += ["  " + ", ".join(f"{k} {gb(v)}" for k, v in self.parts.items())]
         for p in PLACEMENTS:
             need = self.needs[p]
-            mark = "<- chosen" if p == self.chosen else ("fits" if self.fits(p) else "does not fit")
+            if p == self.chosen:
+                mark = "<- chosen"
+            elif m.gpu_bytes is None and p != "cpu":
+                mark = "needs a GPU"
+            else:
+                mark = "fits" if self.fits(p) else "does not fit"
             lines.append(f"  {p:6s} GPU {gb(need.gpu):>9s}  host {gb(need.host(m.workers_per_node)):>9s}  {mark}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
