@@ -167,9 +167,14 @@ def _read_safetensors(name: str, files: list[Path]) -> dict[str, torch.Tensor]:
         try:
             tensors.update(_map_file(f))
         except (ValueError, KeyError, TypeError, OSError) as e:  # truncated, garbled header, unreadable
-            raise FuseEvoError(f"model {name!r}: {f} is not a readable safetensors file ({e}); "
-                               "it is truncated or damaged: download or save it again") from None
+            raise unreadable(name, f, e) from None
     return tensors
+
+
+def unreadable(name: str, path: Path, error: Exception) -> FuseEvoError:
+    """The error of a safetensors file that cannot be read (truncated, garbled header)."""
+    return FuseEvoError(f"model {name!r}: {path} is not a readable safetensors file ({error}); "
+                        "it is truncated or damaged: download or save it again")
 
 
 def _shards(name: str, folder: Path, index_name: str) -> list[Path]:

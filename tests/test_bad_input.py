@@ -73,7 +73,10 @@ def test_damaged_safetensors_name_the_model_and_file_in_merge_and_search(micro_z
     cmd = paths_command(micro_zoo, tmp_path / "run", {"inc": micro_zoo["models"]["ft_increment"]["path"], "bad": bad})
     with pytest.raises(FuseEvoError, match=r"model 'bad': .*model.safetensors is not a readable safetensors file"):
         run_search(cmd)
-    assert Archive.open(tmp_path / "run").count() == 0
+    # a garbled header is found by the memory plan, before the run's config is written; a
+    # truncated file when the worker loads it: nothing archived either way
+    run = tmp_path / "run"
+    assert not (run / "config.yaml").exists() or Archive.open(run).count() == 0
 
 
 def test_a_missing_shard_names_the_model_and_the_index(micro_zoo, tmp_path, capsys):

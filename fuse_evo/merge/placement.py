@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 from ..config import PLACEMENTS
 from ..errors import FuseEvoError
-from ..models import SAFETENSORS, SAFETENSORS_INDEX, read_header, tensor_group
+from ..models import SAFETENSORS, SAFETENSORS_INDEX, read_header, tensor_group, unreadable
 
 HEADROOM = 0.9  # of a device's memory a plan may fill: allocator fragmentation, CUDA context, the OS
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -67,8 +67,8 @@ def read_model_bytes(name: str, folder: str | Path) -> ModelBytes:
     for path in _checkpoint_files(name, folder):
         try:
             header, _ = read_header(path)
-        except (OSError, ValueError) as e:
-            raise FuseEvoError(f"model {name!r}: {path} is not a readable safetensors file ({e})") from None
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise unreadable(name, path, e) from None
         for key, info in header.items():
             if key == "__metadata__":
                 continue
