@@ -37,7 +37,7 @@ def main() -> int:
     p.add_argument("--sequence", type=int, default=2048)
     args = p.parse_args()
     gpus = (80, 141)
-    print(f"| model | sources | sources + base | " + " | ".join(
+    print("| model | sources | sources + base | " + " | ".join(
         f"{g} GB: gpu / stream / cpu need, chosen" for g in gpus) + " |")
     print("| --- | --- | --- | " + " | ".join("---" for _ in gpus) + " |")
     for name, shape in SHAPES.items():
