@@ -189,16 +189,22 @@ def save_merged(
     tmp = staging_dir(out)
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(merge_config(recipe, sources), sort_keys=False))
-        (tmp / "README.md").write_text(model_card(recipe, sources, scores))
-        default_permissions(tmp)
-        replace_folder(tmp, out)
+        _write_rest(tmp, out, tokenizer, recipe, sources, scores)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_rest(tmp: Path, out: Path, tokenizer, recipe: Recipe, sources: Mapping[str, str],
+                scores: Mapping[str, float] | None) -> None:
+    """A staged model's tokenizer, recipe.yaml and card; then the folder moved into ``out``."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(merge_config(recipe, sources), sort_keys=False))
+    (tmp / "README.md").write_text(model_card(recipe, sources, scores))
+    default_permissions(tmp)
+    replace_folder(tmp, out)
 
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*", re.IGNORECASE)
@@ -260,12 +266,7 @@ def save_from_engine(engine, recipe: Recipe, tokenizer, out: str | Path, sources
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if (base / "generation_config.json").exists():
             shutil.copy(base / "generation_config.json", tmp / "generation_config.json")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(merge_config(recipe, sources), sort_keys=False))
-        (tmp / "README.md").write_text(model_card(recipe, sources, scores))
-        default_permissions(tmp)
-        replace_folder(tmp, out)
+        _write_rest(tmp, out, tokenizer, recipe, sources, scores)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
