@@ -9,13 +9,15 @@ What it measures (one process, one set of models, the same genes for every peer)
 * ``--candidates`` candidates per method, each with its own genes drawn from a seeded RNG:
   per-layer, per-expert ``weight`` (task_arithmetic, ties, dare_ties), plus ``density``
   (ties, dare_ties), or a per-layer ``t`` (slerp, base <-> expert 0). Embeddings, final norm
-  and head take the candidate's ``"*"`` values.
+  and head take the candidate's ``"*"`` values. Every candidate draws DARE's masks with one
+  seed (``--seed``), as a search's candidates do (the space's seed: common random numbers).
 * Peers (``--peers``):
 
   - ``fuse_evo``: ``ModelPool`` + ``MergeEngine`` + a bf16 live model built once (timed as
-    setup), then ``engine.materialize(recipe, into=live)`` per candidate. One warm-up
-    candidate per method is timed separately (``first_call_s``: it includes one-time caches,
-    e.g. the magnitude tables of ties) and not counted in the median.
+    setup), then ``engine.materialize(recipe, into=live)`` per candidate. ``--warmup`` (2)
+    warm-up candidates per method are timed apart (``first_call_s``: compilation and the
+    one-time tables: ties' magnitude histograms on the first, DARE's kept-norm tables on the
+    second, when its streams come back) and not counted in the median.
   - ``roofline``: the least any merge of these models can do: per tensor one compiled
     elementwise pass that reads the base and the experts in bf16 and writes the bf16 live
     model, with candidate genes as weights. Method-independent, so it runs once; the
@@ -386,7 +388,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--candidates", type=int, default=10)
     p.add_argument("--mergekit-candidates", type=int, default=None,
                    help="candidates for the mergekit API peer (default --candidates; its ties is slow)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up candidates per method, timed apart from the median")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="warm-up candidates per method, timed apart from the median (first-use setup)")
     p.add_argument("--mergekit-warmup", type=int, default=None, help="warm-up candidates for the mergekit API (default --warmup)")
     p.add_argument("--methods", default=",".join(ALL_METHODS))
     p.add_argument("--peers", default=",".join(ALL_PEERS))
@@ -506,19 +509,19 @@ def main(argv: list[str] | None = None) -> int:
             """fuse_evo's merge of candidate ``index`` (untimed), to check mergekit got the same genes."""
             if "fuse_evo" not in args.peers or m == "dare_ties":  # DARE: different RNGs by design
                 return None
-            engine.materialize(fuse_recipe(m, genes[m][index], experts, seed=index), into=live)
+            engine.materialize(fuse_recipe(m, genes[m][index], experts, seed=args.seed), into=live)
             return {k: v.detach().clone() for k, v in targets.items()}
 
         # ------------------------------------------------------------------ fuse_evo
         if "fuse_evo" in args.peers:
             for m in args.methods:
-                recipes = [fuse_recipe(m, g, experts, seed=i) for i, g in enumerate(genes[m])]
+                recipes = [fuse_recipe(m, g, experts, seed=args.seed) for g in genes[m]]
                 with mon.phase(f"fuse_evo:{m}"):
                     warm, timed = time_calls(lambda i: engine.materialize(recipes[i], into=live),
                                              args.warmup, args.candidates)
                 timings.setdefault(m, {})["fuse_evo"] = {"first_call_s": warm, "samples_s": timed}
                 print(f"[fuse_evo] {m}: median {median(timed):.4f}s "
-                      f"(first {warm[0] if warm else float('nan'):.3f}s)", flush=True)
+                      f"(first-use setup: {len(warm)} warm-up candidates in {sum(warm):.3f}s)", flush=True)
                 if args.profile:
                     txt = profile_call(lambda: engine.materialize(recipes[-1], into=live))
                     results["profiles"][m] = txt

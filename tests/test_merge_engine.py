@@ -208,20 +208,27 @@ def test_the_engine_keeps_the_pools_tensors_in_their_own_dtype_without_copies(en
 @pytest.mark.parametrize("dtypes", [{"*": torch.float32}, {"*": torch.bfloat16, "ft_shift": torch.float16}],
                          ids=["fp32", "bf16+fp16"])
 @pytest.mark.parametrize("method, params", [("ties", {}), ("breadcrumbs_ties", {"rescale": "l2"}),
-                                            ("dare_ties", {}), ("della", {}), ("task_arithmetic", {}),
+                                            ("dare_ties", {}), ("dare_linear", {"rescale": "linf"}),
+                                            ("dare_ties", {"rescale": "l2"}), ("della", {}), ("task_arithmetic", {}),
                                             ("slerp", {"t": 0.3}), ("model_stock", {})])
 def test_histogram_thresholds_and_mixed_dtypes_equal_the_operators(micro_zoo, tmp_path, monkeypatch, dtypes,
                                                                    method, params):
-    """Every tensor through the magnitude histograms (not the sorted tables small tensors get)
-    and sources of other dtypes than the base's: the operators' merge, computed in fp32."""
+    """Every tensor through the magnitude histograms (not the sorted tables small tensors get),
+    every DARE norm through the kept-norm tables (only large tensors get them), and sources of
+    other dtypes than the base's: the operators' merge, computed in fp32."""
     from fuse_evo.merge import engine as engine_module
 
     monkeypatch.setattr(engine_module, "_SORTED_UP_TO", 0)
+    # 18 bits: a boundary bucket inverts 2**14 words, cheap at any size
+    monkeypatch.setattr(ops.KeptNorms, "bits_for", staticmethod(lambda numel, size: 18))
     pool = _retyped_zoo(micro_zoo, tmp_path, dtypes)
     retyped = MergeEngine(pool, device="cpu")
     recipe = _recipe(method, **params)
     live = pool.new_model()  # the base's dtype: the operators' output dtype
     retyped.materialize(recipe, into=live)
+    if method.startswith("dare"):  # the streams come back: now the kept-norm tables are built and used
+        assert not retyped._kept
+        retyped.materialize(recipe, into=live)
     merged = live.state_dict()
     # fp32 inside, rounded once to bf16 at the end: at most one bf16 step apart where the
     # fp32 sums differ in their last bit
@@ -232,6 +239,27 @@ def test_histogram_thresholds_and_mixed_dtypes_equal_the_operators(micro_zoo, tm
         torch.testing.assert_close(merged[name], expected, **tolerance, msg=lambda m: f"{method} {name}: {m}")
     if method in ("ties", "breadcrumbs_ties"):
         assert all(isinstance(t, ops.MagnitudeHistogram) for t in retyped._tables.values())
+    if method.startswith("dare"):  # every source tensor's norm came from a table
+        assert len(retyped._kept) == len(pool.tensor_names) * len(recipe.models)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare_ties"])
+def test_a_merge_that_overflows_fp16_but_not_fp32_is_refused(micro_zoo, tmp_path, method):
+    """fp16 sources and live model, coefficients whose merge fits fp32 but not fp16: the
+    compiled writer's flag must see the fp16 overflow (the compiler folds away a cast back to
+    fp32, so checking isfinite on the cast would not)."""
+    from fuse_evo.merge.engine import NonFiniteMerge
+
+    pool = _retyped_zoo(micro_zoo, tmp_path, {"*": torch.float16})
+    engine = MergeEngine(pool, device="cpu")
+    live = pool.new_model()
+    assert next(live.parameters()).dtype == torch.float16
+    engine.materialize(_recipe(method), into=live)  # ordinary weights: fine
+    ordinary = _recipe(method)
+    big = Recipe(method=method, models=ordinary.models, parameters={"lambda": 1e7}, groups=ordinary.groups,
+                 seed=ordinary.seed)
+    with pytest.raises(NonFiniteMerge, match="is not finite"):
+        engine.materialize(big, into=live)
 
 
 def test_the_tables_of_a_bf16_llama_stay_under_five_percent_of_its_sources(tmp_path):

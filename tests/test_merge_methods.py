@@ -440,6 +440,51 @@ def test_random_draws_are_uniform_independent_per_source_and_the_same_in_int64()
     assert random_key(7, 0) != random_key(8, 0) and random_key(7, 0) != random_key(7, 1)
 
 
+def test_integer_cutoffs_and_the_inverted_hash_give_the_draws_exactly():
+    """``hash_bits < random_cutoff(p)`` is the mask ``hash_uniform < p`` (densities at and
+    between representable draws, 0, 1 and beyond), and :func:`draw_indices` finds exactly the
+    elements whose draws fall in a range, by inverting the hash."""
+    from fuse_evo.merge.methods import draw_indices, hash_bits, hash_uniform, random_cutoff, random_key
+
+    numel = 300_007
+    index = torch.arange(numel, dtype=torch.int32)
+    key = random_key(11, 2)
+    bits, u = hash_bits(index, torch.tensor(key, dtype=torch.int32)), hash_uniform(index, torch.tensor(key, dtype=torch.int32))
+    for p in (0.0, 1e-9, 0.1, 0.5, 12345 / 2**24, 0.3333, 0.999999, 1.0, 1.5, -0.2):
+        assert torch.equal(bits < random_cutoff(p), u < p), p
+    for first, stop in ((0, 1000), (70_000, 70_913), (2**24 - 300, 2**24)):
+        expected = ((bits >= first) & (bits < stop)).nonzero().flatten()
+        assert torch.equal(torch.sort(draw_indices(first, stop, key, numel)).values, expected)
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2", "linf"])
+def test_kept_norms_equal_the_masked_norm_for_any_density(kind):
+    """The table of per-draw-bucket sums plus the inverted boundary bucket gives the norm of
+    the masked task vector, as a full pass computes it in fp64, for densities in and at the
+    edges of buckets."""
+    from fuse_evo.merge.methods import KeptNorms, draw_buckets, draw_indices, hash_bits, random_cutoff, random_key
+
+    torch.manual_seed(0)
+    numel, bits, key = 400_003, 12, random_key(5, 1)
+    base = torch.randn(numel).bfloat16()
+    source = (base.float() + 0.01 * torch.randn(numel)).bfloat16()
+    delta = source.float() - base.float()
+    bucket, value = draw_buckets(base, source, torch.tensor(key, dtype=torch.int32), 0, 24 - bits, kind)
+    if kind == "linf":
+        stats = torch.zeros(1 << bits).scatter_reduce_(0, bucket.long(), value, "amax")
+    else:
+        stats = torch.zeros(1 << bits, dtype=torch.float64).index_add_(0, bucket, value.double())
+    table = KeptNorms(stats, bits, key, kind, lambda first, stop: delta[draw_indices(first, stop, key, numel)])
+    draws = hash_bits(torch.arange(numel, dtype=torch.int32), torch.tensor(key, dtype=torch.int32))
+    for p in (0.0, 0.1, 0.25, 0.5, 0.3141, 0.9, 1.0):
+        masked = torch.where(draws < random_cutoff(p), delta, 0.0).double()
+        expected = {"l1": masked.abs().sum(), "l2": masked.norm(), "linf": masked.abs().max()}[kind].item()
+        assert table.norm(random_cutoff(p)) == pytest.approx(expected, rel=1e-6, abs=1e-30), p
+    assert table.nbytes == 4 * ((1 << bits) + 1)
+    assert KeptNorms.bits_for(1000, 2) is None  # small tensors: a masked pass is cheaper
+    assert KeptNorms.bits_for(5632 * 2048, 2) == 16  # a 1.1B MLP matrix: 256 KB, 1% of it
+
+
 def test_dare_sources_draw_different_masks_from_one_seed():
     d = _random_delta()
     a = sparsify_random(d, 0.5, seed=3, source=0) != 0

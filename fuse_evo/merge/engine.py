@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
@@ -72,6 +73,8 @@ class MergeEngine:
         self._tables: dict[tuple[str, str], ops.MagnitudeTable | ops.MagnitudeHistogram] = {}
         self._ranks: dict[tuple[str, str], torch.Tensor] = {}
         self._norms: dict[tuple[str, str], torch.Tensor] = {}
+        self._kept: dict[tuple[str, str, str], ops.KeptNorms] = {}  # one random stream per source tensor
+        self._streams_seen: dict[str, tuple] = {}  # per tensor: the last random streams a recipe drew
         self._cosines: dict[tuple[str, str], float] = {}
         self._checked: set[str] = set()
 
@@ -90,8 +93,8 @@ class MergeEngine:
 
     @property
     def table_bytes(self) -> int:
-        """Bytes held by the magnitude tables, DELLA's rank tables and the norms."""
-        tables = sum(t.nbytes for t in self._tables.values())
+        """Bytes held by the magnitude tables, the kept-norm tables, DELLA's rank tables and the norms."""
+        tables = sum(t.nbytes for t in [*self._tables.values(), *self._kept.values()])
         return tables + sum(r.numel() * r.element_size() for r in self._ranks.values()) + sum(
             n.numel() * n.element_size() for n in self._norms.values())
 
@@ -264,15 +267,23 @@ class MergeEngine:
                 args["high"] = vec([high for _, high in bounds])
         else:  # random masks: source j of the recipe draws from stream (tensor seed, j), as the operators
             seed = tensor_seed(recipe.seed, name)
-            args["keys"] = vec([ops.random_key(seed, j) for j in range(len(models))], dtype=torch.int32)
+            keys = [ops.random_key(seed, j) for j in range(len(models))]
+            args["keys"] = vec(keys, dtype=torch.int32)
             if s.sparsify == "ranked":
                 args["epsilon"] = vec([p["epsilon"] if p["density"] < 1 else 0.0 for p in per])
                 args["rank_norms"] = [self._rank_norm(m, name) for m in models]
+            else:
+                cutoffs = [ops.random_cutoff(p["density"]) for p in per]
+                args["cutoffs"] = vec(cutoffs, dtype=torch.int32)
         base, sources = self._base(name), [self.source(m, name) for m in models]
         if rescale in ("l1", "l2", "linf"):
             args["norms"] = torch.stack([self._norm(m, name, rescale) for m in models])
-            mask = {k: args.get(k) for k in ("density", "low", "high", "keys", "epsilon", "rank_norms")}
-            args["after"] = _fused(ops.masked_norm)(base, sources, **mask, kind=rescale)
+            kept = self._kept_norms(models, name, keys, rescale) if "cutoffs" in args else None
+            if kept:  # DARE's masked norms without a pass over the tensor
+                args["after"] = vec([table.norm(cutoff) for table, cutoff in zip(kept, cutoffs)])
+            else:
+                mask = {k: args.get(k) for k in ("density", "low", "high", "keys", "epsilon", "rank_norms", "cutoffs")}
+                args["after"] = _fused(ops.masked_norm)(base, sources, **mask, kind=rescale)
         return _writer(ops.gta_fused)(out, base, sources, **args)
 
     def _magnitude_bounds(self, model: str, name: str, density: float, gamma: float | None) -> tuple[float, float]:
@@ -285,6 +296,58 @@ class MergeEngine:
             return float(table.at_rank(ops._keep_count(density, table.numel) - 1)), math.inf
         first, last = ops.outlier_ranks(table.numel, density, gamma)
         return float(table.at_rank(last)), float(table.at_rank(first))
+
+    def _kept_norms(self, models: list[str], name: str, keys: list[int], kind: str) -> list[ops.KeptNorms] | None:
+        """The kept-norm tables of one tensor's sources for their random streams ``keys``, or
+        None where a masked pass is the better buy: a small tensor, or streams seen for the
+        first time (a search keeps one seed, so its streams come back every candidate; a
+        recipe with a new seed each time never pays a table's build)."""
+        base = self._base(name)
+        bits = ops.KeptNorms.bits_for(base.numel(), base.element_size())
+        if bits is None:
+            return None
+        tables = [self._kept.get((m, name, kind)) for m in models]
+        if all(t is not None and t.key == k for t, k in zip(tables, keys)):
+            return tables
+        streams = (tuple(models), tuple(keys), kind)
+        if self._streams_seen.get(name) != streams:
+            self._streams_seen[name] = streams
+            return None
+        return [t if t is not None and t.key == k else self._build_kept_norms(m, name, k, kind, bits)
+                for m, t, k in zip(models, tables, keys)]
+
+    def _build_kept_norms(self, model: str, name: str, key: int, kind: str, bits: int) -> ops.KeptNorms:
+        """One source tensor's kept-norm table, in chunked passes (bounded transients)."""
+        base, source = self._base(name), self.source(model, name)
+        stats = torch.zeros(1 << bits, device=self.device)
+        stream = torch.tensor(key, dtype=torch.int32, device=self.device)
+
+        def add(bucket: torch.Tensor, value: torch.Tensor) -> None:
+            if kind == "linf":
+                stats.scatter_reduce_(0, bucket.long(), value, "amax")
+            else:  # fp32 per bucket (a few hundred values each), cumulated in fp64 by the table
+                stats.add_(torch.bincount(bucket, weights=value, minlength=1 << bits))
+
+        # on the CPU the scatter is one thread's work: it runs beside the next chunk's draws
+        pending = None
+        with ThreadPoolExecutor(1) as scatter:
+            for start in range(0, base.numel(), _CHUNK):
+                end = start + _CHUNK
+                drawn = _fused(ops.draw_buckets)(base[start:end], source[start:end], stream, start, 24 - bits, kind)
+                if pending is not None:
+                    pending.result()
+                pending = scatter.submit(add, *drawn)
+            if pending is not None:
+                pending.result()
+        numel = base.numel()
+
+        def members(first: int, stop: int) -> torch.Tensor:
+            words = _fused(ops.draw_preimages)(first << 8, (stop - first) << 8, stream)
+            at = words[words < numel]
+            return self.source(model, name)[at].float() - self._base(name)[at].float()
+
+        table = self._kept[(model, name, kind)] = ops.KeptNorms(stats, bits, key, kind, members)
+        return table
 
     def _norm(self, model: str, name: str, kind: str) -> torch.Tensor:
         key = (model, name, kind)
@@ -366,17 +429,29 @@ _WRITERS: dict[Callable, Callable] = {}
 
 def _writer(kernel: Callable) -> Callable:
     """``write(out, *args)``: ``kernel(*args)`` cast to ``out``'s dtype and written into it, with
-    the flag "all finite", compiled as one pass (the merged values never reach memory in fp32,
-    and the finiteness check reads nothing again)."""
+    the flag "all finite in that dtype", compiled as one pass (the merged values never reach
+    memory in fp32, and the check reads nothing again)."""
     if kernel not in _WRITERS:
         def write(out: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            merged = kernel(*args, **kwargs).reshape(-1).to(out.dtype)
-            out.copy_(merged)
-            return torch.isfinite(merged).all()
+            merged = kernel(*args, **kwargs).reshape(-1)
+            out.copy_(merged.to(out.dtype))
+            # on the fp32 values: the compiler drops a cast back from out's dtype, so isfinite of
+            # the cast would miss an fp16 overflow; NaN fails the compare too
+            return (merged.abs() < overflow_bound(out.dtype)).all()
 
         write.__name__ = f"write_{kernel.__name__}"
         _WRITERS[kernel] = write
     return _fused(_WRITERS[kernel])
+
+
+def overflow_bound(dtype: torch.dtype) -> float:
+    """The least fp32 magnitude that rounds to inf in ``dtype`` (round to nearest even): 65520
+    for fp16, inf for fp32 and wider."""
+    info = torch.finfo(dtype)
+    if info.bits >= 32:
+        return math.inf
+    mantissa = round(-math.log2(info.eps))
+    return (2 - 2.0 ** -(mantissa + 1)) * 2.0 ** math.floor(math.log2(info.max))
 
 
 _FUSED: dict[Callable, Callable] = {}
@@ -405,6 +480,7 @@ def _fused(fn: Callable) -> Callable:
     return _FUSED[fn]
 
 
+_CHUNK = 1 << 22  # elements per pass when a table is built: bounded transients (64 MB)
 _SORTED_UP_TO = 1 << 13  # tensors this small (norms, biases) keep a sorted |delta| (<= 32 KB)
 
 
