@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fuse_evo.merge.save import save_merged
+from fuse_evo.merge.save import save_live_model, save_merged
 from fuse_evo.errors import FuseEvoError
 from fuse_evo.merge import methods as ops
 from fuse_evo.merge.engine import MergeEngine, tensor_seed
@@ -151,12 +151,17 @@ def test_bad_recipes_fail_before_the_model_is_touched(engine, recipe, message):
     assert all(torch.equal(before[k], v) for k, v in live.state_dict().items())
 
 
-def test_export_writes_a_loadable_folder_atomically(engine, tmp_path):
+@pytest.mark.parametrize("writer", ["save_merged", "save_live_model"])
+def test_export_writes_a_loadable_folder_atomically(engine, tmp_path, writer):
+    """Both writers of a scored model (transformers' save_pretrained, and the shard-by-shard
+    one export uses): a sharded folder that loads and computes what the live model does."""
     recipe = _recipe("ties")
     live = engine.materialize(recipe, into=engine.pool.new_model())
     sources = {"base": str(engine.pool.base.path), **{n: str(m.path) for n, m in engine.pool.sources.items()}}
-    out = save_merged(live, engine.pool.tokenizer(), tmp_path / "merged", recipe, sources,
-                      scores={"zoo_shift_heldout/acc": 0.5}, max_shard_size="100KB")
+    write = save_merged if writer == "save_merged" else (
+        lambda model, *args, **kw: save_live_model(model, engine.pool, *args, **kw))
+    out = write(live, engine.pool.tokenizer(), tmp_path / "merged", recipe, sources,
+                scores={"zoo_shift_heldout/acc": 0.5}, max_shard_size="100KB")
     assert (out / "model.safetensors.index.json").exists()  # sharded
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temp folder left behind
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -169,7 +174,7 @@ def test_export_writes_a_loadable_folder_atomically(engine, tmp_path):
     saved = yaml.safe_load((out / "recipe.yaml").read_text())
     assert Recipe.from_dict(saved["recipe"]) == recipe and saved["sources"] == sources
     with pytest.raises(FuseEvoError, match="already exists"):
-        save_merged(live, None, out, recipe, sources)
+        write(live, None, out, recipe, sources)
 
 
 # ----------------------------------------------------------------------------- own dtype, no copies

@@ -228,18 +228,44 @@ def save_from_engine(engine, recipe: Recipe, tokenizer, out: str | Path, sources
     """Write ``recipe``'s merge as an HF folder tensor by tensor from ``engine`` (a
     MergeEngine): one shard of merged tensors in memory at a time, never a whole second model.
     ``dtype``: the saved weights' torch dtype (default: the base's)."""
+    dtypes = {n: dtype or t.dtype for n, t in engine.base.items()}
+    return _save_shards(lambda n: engine.merged(recipe, n, dtype), dtypes, engine.shapes, Path(engine.pool.base.path),
+                        tokenizer, out, recipe, sources, scores, max_shard_size, overwrite)
+
+
+def save_live_model(model, pool, tokenizer, out: str | Path, recipe: Recipe, sources: Mapping[str, str],
+                    scores: Mapping[str, float] | None = None, max_shard_size: str = DEFAULT_SHARD_SIZE,
+                    overwrite: bool = False) -> Path:
+    """Write a live model (the weights a search scored, on any device) as an HF folder of the
+    pool base's tensors, shard by shard: one shard on the host at a time, the model itself
+    never moved or copied whole."""
+    state = model.state_dict()
+    names = [n for n in pool.base.tensors]
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise FuseEvoError(f"the live model has no tensor {missing[0]!r}: not a model of the base's architecture")
+    return _save_shards(lambda n: state[n].detach(), {n: state[n].dtype for n in names},
+                        {n: state[n].shape for n in names}, Path(pool.base.path), tokenizer, out, recipe, sources,
+                        scores, max_shard_size, overwrite)
+
+
+def _save_shards(tensor_of, dtypes: Mapping[str, "torch.dtype"], shapes: Mapping[str, Any], base: Path, tokenizer,
+                 out: str | Path, recipe: Recipe, sources: Mapping[str, str], scores, max_shard_size: str,
+                 overwrite: bool) -> Path:
+    """The folder of tensors ``tensor_of(name)`` (in ``dtypes``' order), sharded as transformers
+    shards, with the base's config (its dtype the saved one), tokenizer, recipe and card."""
     import json
+    import math
 
     from safetensors.torch import save_file
 
     out = Path(out).expanduser().resolve()
     check_out(out, overwrite)
     limit = shard_bytes(max_shard_size)
-    names = list(engine.base)
-    sizes = {n: engine.base[n].numel() * (dtype or engine.base[n].dtype).itemsize for n in names}
+    sizes = {n: math.prod(shapes[n]) * d.itemsize for n, d in dtypes.items()}
     shards: list[list[str]] = [[]]
     held = 0
-    for n in names:  # as transformers shards: a new file once the next tensor would pass the limit
+    for n in sizes:  # a new file once the next tensor would pass the limit
         if shards[-1] and held + sizes[n] > limit:
             shards.append([])
             held = 0
@@ -251,17 +277,15 @@ def save_from_engine(engine, recipe: Recipe, tokenizer, out: str | Path, sources
     try:
         weight_map = {}
         for file, shard in zip(files, shards):
-            tensors = {n: engine.merged(recipe, n, dtype).cpu().contiguous() for n in shard}
+            tensors = {n: tensor_of(n).cpu().contiguous() for n in shard}
             save_file(tensors, tmp / file, metadata={"format": "pt"})
             weight_map.update({n: file for n in shard})
             del tensors
         if len(files) > 1:
-            total = sum(sizes.values())
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        base = Path(engine.pool.base.path)
+                {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, indent=2))
         config = json.loads((base / "config.json").read_text())
-        saved = str(dtype or next(iter(engine.base.values())).dtype).removeprefix("torch.")
+        saved = str(next(iter(dtypes.values()))).removeprefix("torch.")
         config.update({"torch_dtype": saved, "dtype": saved} if "dtype" in config else {"torch_dtype": saved})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if (base / "generation_config.json").exists():

@@ -23,7 +23,7 @@ import yaml
 from ..device import check_device
 from ..errors import FuseEvoError
 from ..merge import mergekit
-from ..merge.save import check_out, default_permissions, model_card, replace_folder, save_merged, staging_dir
+from ..merge.save import check_out, default_permissions, model_card, replace_folder, save_live_model, staging_dir
 from ..merge.dataflow import plain_model
 from ..recipe import LayerPath, Recipe
 from ..search import pareto
@@ -175,9 +175,8 @@ def _write_trial(archive: Archive, run_dir: Path, live: HeldOutMerge, trial: Tri
     if is_path:
         _save_path_model(live, recipe, info, folder, max_shard_size)
     else:
-        device = live.device
-        save_merged(live.model.cpu(), live.tokenizer, folder, recipe, sources, max_shard_size=max_shard_size)
-        live.model.to(device)
+        # the scored weights, shard by shard from the live model: no whole copy, nothing moved
+        save_live_model(live.model, live.pool, live.tokenizer, folder, recipe, sources, max_shard_size=max_shard_size)
         if live.dtype:  # `fuse-evo merge recipe.yaml` rebuilds in the run's dtype
             data = yaml.safe_load((folder / "recipe.yaml").read_text())
             data["dtype"] = live.dtype

@@ -320,7 +320,7 @@ class Archive:
     @property
     def info(self) -> dict[str, Any]:
         """What the run searched: ``name``, ``base`` (its name), ``sources`` (name -> path, the
-        base included: what ``fuse_evo.merge.save.save_merged`` takes), ``zoo`` (the zoo folder
+        base included: what ``fuse_evo.merge.save`` writers take), ``zoo`` (the zoo folder
         and its ``zoo.json``, or None), ``genes`` / ``lower`` / ``upper``, ``objectives``
         (name, direction, weight, metric or cost), ``strategy``, ``seed``, ``budget``."""
         row = self._require_run()
