@@ -352,7 +352,7 @@ class MergeEngine:
     def _norm(self, model: str, name: str, kind: str) -> torch.Tensor:
         key = (model, name, kind)
         if key not in self._norms:
-            self._norms[key] = ops.task_vector_norms(self._base(name), [self.source(model, name)], kind)[0]
+            self._norms[key] = _fused(ops.task_vector_norms)(self._base(name), [self.source(model, name)], kind)[0]
         return self._norms[key]
 
     def _rank_norm(self, model: str, name: str) -> torch.Tensor:
