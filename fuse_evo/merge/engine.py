@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
@@ -321,24 +320,13 @@ class MergeEngine:
         base, source = self._base(name), self.source(model, name)
         stats = torch.zeros(1 << bits, device=self.device)
         stream = torch.tensor(key, dtype=torch.int32, device=self.device)
-
-        def add(bucket: torch.Tensor, value: torch.Tensor) -> None:
+        for start in range(0, base.numel(), _CHUNK):
+            end = start + _CHUNK
+            bucket, value = _fused(ops.draw_buckets)(base[start:end], source[start:end], stream, start, 24 - bits, kind)
             if kind == "linf":
                 stats.scatter_reduce_(0, bucket.long(), value, "amax")
             else:  # fp32 per bucket (a few hundred values each), cumulated in fp64 by the table
                 stats.add_(torch.bincount(bucket, weights=value, minlength=1 << bits))
-
-        # on the CPU the scatter is one thread's work: it runs beside the next chunk's draws
-        pending = None
-        with ThreadPoolExecutor(1) as scatter:
-            for start in range(0, base.numel(), _CHUNK):
-                end = start + _CHUNK
-                drawn = _fused(ops.draw_buckets)(base[start:end], source[start:end], stream, start, 24 - bits, kind)
-                if pending is not None:
-                    pending.result()
-                pending = scatter.submit(add, *drawn)
-            if pending is not None:
-                pending.result()
         numel = base.numel()
 
         def members(first: int, stop: int) -> torch.Tensor:
