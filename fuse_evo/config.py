@@ -103,8 +103,26 @@ class ObjectiveConfig:
 
 
 @dataclass
+class SplitConfig:
+    """An automatic split of each task's documents into a search side and a held-out side,
+    for tasks that have one evaluation split (a standard lm-eval task): a permutation of the
+    document ids seeded by ``seed`` and the task's name; the first ``search_fraction`` of it
+    (at least one document, at most all but one) is scored during the search, the rest only
+    by export, report and compare. null: no split."""
+
+    search_fraction: Optional[float] = None
+    seed: int = 0
+
+
+@dataclass
 class EvaluatorConfig:
-    """What a worker's Evaluator scores, and how its numbers become objectives."""
+    """What a worker's Evaluator scores, and how its numbers become objectives.
+
+    ``objectives`` empty: one per task, its primary metric (the first ``metric_list`` entry
+    of its YAML, direction from ``higher_is_better``), equally weighted. Held-out scores come
+    from ``heldout_tasks`` (search task -> held-out task) and, for the tasks it does not map,
+    from ``split``; without either, every output says "search split (no held-out set)".
+    """
 
     tasks: list[str] = field(default_factory=list)
     include_path: list[str] = field(default_factory=list)  # folders of custom task YAMLs
@@ -115,6 +133,8 @@ class EvaluatorConfig:
     fewshot_seed: int = 1234
     batch_size: int = 64
     objectives: list[ObjectiveConfig] = field(default_factory=list)
+    heldout_tasks: dict[str, str] = field(default_factory=dict)
+    split: SplitConfig = field(default_factory=SplitConfig)
 
 
 def check_limits(cfg: EvaluatorConfig, prefix: str = "evaluator") -> None:
@@ -124,6 +144,27 @@ def check_limits(cfg: EvaluatorConfig, prefix: str = "evaluator") -> None:
     for key, value in keyed:
         if value is not None and not value > 0:
             raise ConfigError(f"{key}: must be > 0 (documents per task, or a fraction of them below 1), got {value}")
+
+
+
+def check_heldout(cfg: EvaluatorConfig, prefix: str = "evaluator") -> None:
+    """``heldout_tasks`` maps search tasks to other tasks; ``split.search_fraction`` is in (0, 1)
+    and not given beside fixed sample ids of the same task."""
+    for task, other in cfg.heldout_tasks.items():
+        if cfg.tasks and task not in cfg.tasks:
+            raise ConfigError(f"{prefix}.heldout_tasks.{task}: not one of {prefix}.tasks ({list(cfg.tasks)})")
+        if not other or other == task:
+            raise ConfigError(f"{prefix}.heldout_tasks.{task}: name another task (its held-out set), got {other!r}")
+    fraction = cfg.split.search_fraction
+    if fraction is None:
+        return
+    if not 0 < fraction < 1:
+        raise ConfigError(f"{prefix}.split.search_fraction: must be between 0 and 1 (the search side's share of "
+                          f"each task's documents), got {fraction}")
+    both = sorted(t for t in cfg.samples if t not in cfg.heldout_tasks)
+    if both:
+        raise ConfigError(f"{prefix}.samples.{both[0]}: fixed sample ids and {prefix}.split.search_fraction "
+                          "both choose its documents; give one")
 
 
 @dataclass

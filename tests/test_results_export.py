@@ -191,7 +191,7 @@ def test_report_with_a_grid_searched_uniform_baseline(run_dir, micro_zoo, tmp_pa
     assert "search scalar" in capsys.readouterr().out
 
     other = _micro_search(micro_zoo, tmp_path / "other", "space=ta_uniform", "strategy=grid",
-                          "evaluator.objectives.0.weight=1.0")
+                          "evaluator.objectives=[{name:increment,metric:zoo_increment_search/acc}]")
     with pytest.raises(FuseEvoError, match=r"--baseline .*other: scored with other objectives"):
         make_report(run_dir, baselines=[other])
     with pytest.raises(FuseEvoError, match="that is the run being reported"):

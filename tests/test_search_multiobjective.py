@@ -35,13 +35,16 @@ def mo_run(micro_zoo, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("pareto") / "nsga2"
     result = _search(micro_zoo, run, 8, *TWO, "strategy=nsga2", "strategy.population_size=4")
     assert result.evaluations == 8 and result.front.startswith("front ")
+    with Archive.open(run) as archive:  # one front, one size: the search log's and the archive's
+        assert result.front.split(",")[0] == f"front {len(archive.pareto_front())}"
     return run
 
 
 def _brute_front(trials, names):
-    pts = [[-t.objectives[n] for n in names] for t in trials]
+    """The front by brute force: each non-dominated vector once, as its first trial."""
+    pts = [tuple(-t.objectives[n] for n in names) for t in trials]
     return [t.number for i, t in enumerate(trials)
-            if not any(pareto.dominates(pts[j], pts[i]) for j in range(len(trials)))]
+            if not any(pareto.dominates(pts[j], pts[i]) for j in range(len(trials))) and pts.index(pts[i]) == i]
 
 
 def test_every_objective_is_told_and_the_front_is_kept(mo_run, micro_zoo):
@@ -56,7 +59,8 @@ def test_every_objective_is_told_and_the_front_is_kept(mo_run, micro_zoo):
         history = archive.hypervolume_history()
         assert history[-1] == pytest.approx(pareto.hypervolume(
             [[-t.objectives["increment"], -t.objectives["reverse"]] for t in front], [0.0, 0.0]))
-        assert archive.reference_point()[1] == {"increment": "stated", "reverse": "stated"}
+        assert archive.reference_point() == ({"increment": 0.0, "reverse": 0.0},
+                                             {"increment": "default", "reverse": "default"})
     # null stays null in config.yaml (resume compares configs), the strategy got 2 objectives
     stored = yaml.safe_load((mo_run / "config.yaml").read_text())
     assert stored["strategy"]["num_objectives"] is None
@@ -72,8 +76,9 @@ def test_every_objective_is_told_and_the_front_is_kept(mo_run, micro_zoo):
 def test_objective_count_and_reference_are_checked(micro_zoo, tmp_path):
     with pytest.raises(ConfigError, match=r"strategy.num_objectives: 3; use 1 .*, 2 \(each of"):
         _search(micro_zoo, tmp_path / "bad", 2, *TWO, "strategy=nsga2", "strategy.num_objectives=3")
-    with pytest.raises(Exception, match=r"evaluator.objectives.0.reference=low"):  # Hydra's schema
-        _search(micro_zoo, tmp_path / "bad2", 2, *TWO, "evaluator.objectives.0.reference=low")
+    with pytest.raises(Exception, match=r"reference"):  # Hydra's schema: a float
+        _search(micro_zoo, tmp_path / "bad2", 2, *TWO,
+                "evaluator.objectives=[{name:increment,metric:zoo_increment_search/acc,reference:low}]")
     from fuse_evo.evaluate.objectives import Objectives
 
     with pytest.raises(ConfigError, match=r"evaluator.objectives\[1\].reference: must be finite"):
@@ -89,7 +94,9 @@ def test_nevergrad_measures_its_front_from_the_reference(micro_zoo, tmp_path):
     from fuse_evo.search.space import SearchSpace
 
     run = tmp_path / "de"
-    result = _search(micro_zoo, run, 6, *TWO, "strategy=de_pareto", "evaluator.objectives.1.reference=0.25")
+    result = _search(micro_zoo, run, 6, *TWO, "strategy=de_pareto",
+                     "evaluator.objectives=[{name:increment,metric:zoo_increment_search/acc},"
+                     "{name:reverse,metric:zoo_reverse_search/acc,reference:0.25}]")
     assert result.evaluations == 6
     with Archive.open(run) as archive:
         assert archive.info["multi_objective"] and archive.info["strategy"] == "nevergrad/DE"

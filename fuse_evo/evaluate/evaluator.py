@@ -23,8 +23,10 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import random
 import time
+import zlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -118,6 +120,94 @@ def _task_managers(include_paths: list[Path], names: Sequence[str]) -> dict[str,
             )
         found.update({n: defaults for n in rest})
     return found
+
+
+def primary_metrics(tasks: Sequence[str], include_path: Sequence[str | Path] = ()) -> dict[str, tuple[str, str]]:
+    """``{task: ("metric,filter", "max" | "min")}``: each task's primary metric as its YAML
+    states it (the first ``metric_list`` entry, else lm-eval's default for its output type;
+    the first ``filter_list`` entry's name, else ``none``; the direction from the entry's
+    ``higher_is_better``, else lm-eval's registry). A group reads its ``aggregate_metric_list``.
+    Only the task files are read: no dataset is loaded."""
+    from lm_eval.api.registry import DEFAULT_METRIC_REGISTRY, is_higher_better
+    from lm_eval.tasks._index import Kind
+
+    paths = [Path(p).expanduser().resolve() for p in include_path]
+    for p in paths:
+        _check_task_dir(p)
+    names = list(dict.fromkeys(tasks))
+    managers = _task_managers(paths, names)
+    out: dict[str, tuple[str, str]] = {}
+    for name in names:
+        entry = managers[name].task_index[name]
+        where = f"task {name!r}{_task_file(managers[name], name)}"
+        if entry.kind == Kind.TAG:
+            raise TaskError(f"{where} is a tag of several tasks: list them in evaluator.tasks, or give "
+                            "evaluator.objectives")
+        cfg = entry.cfg
+        if entry.yaml_path is not None:
+            cfg = load_yaml(entry.yaml_path, resolve_func=False, recursive=True)
+        cfg = cfg or {}
+        if entry.kind == Kind.GROUP:
+            listed = cfg.get("aggregate_metric_list") or []
+            if not listed:
+                raise TaskError(f"{where} is a group without aggregate_metric_list: it reports no metric of its "
+                                "own; list its tasks in evaluator.tasks, or give evaluator.objectives")
+            first = listed[0] if isinstance(listed, list) else listed
+            filters = first.get("filter_list") or ["none"]
+            filt = filters[0] if isinstance(filters, list) else filters
+        else:
+            listed = cfg.get("metric_list")
+            if listed:
+                first = listed[0]
+            elif "class" in cfg:
+                raise TaskError(f"{where} is defined in Python and names no metric_list: give evaluator.objectives")
+            else:
+                first = {"metric": DEFAULT_METRIC_REGISTRY[cfg.get("output_type") or "generate_until"][0]}
+            filter_list = cfg.get("filter_list") or []
+            filt = filter_list[0].get("name", "none") if filter_list else "none"
+        metric = first.get("metric")
+        if not isinstance(metric, str) or metric.startswith("!function"):
+            raise TaskError(f"{where}: its first metric is a function, not a named metric: give evaluator.objectives")
+        higher = first.get("higher_is_better")
+        if higher is None:
+            higher = is_higher_better(metric)
+        out[name] = (f"{metric},{filt}", "min" if higher is False else "max")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DocumentSplit:
+    """Each task's documents in two sides by a permutation of their ids seeded with ``seed``
+    and the task's name: the first ``search_fraction`` of it (rounded; at least one document,
+    at most all but one) is the ``search`` side, the rest the ``heldout`` side. The same ids for
+    the same task, document count and seed on every machine. ``tasks``: the tasks it applies
+    to (None: every task)."""
+
+    search_fraction: float
+    seed: int = 0
+    side: str = "search"
+    tasks: tuple[str, ...] | None = None
+
+    def applies(self, task: str) -> bool:
+        return self.tasks is None or task in self.tasks
+
+    def ids(self, task: str, n_docs: int) -> list[int]:
+        """The side's document ids, in permuted order (a limit takes a seeded subset)."""
+        if n_docs < 2:
+            raise TaskError(f"task {task!r}: {n_docs} document(s) cannot be split into a search and a held-out side")
+        order = np.random.default_rng([int(self.seed), zlib.crc32(task.encode())]).permutation(n_docs)
+        k = min(max(1, round(self.search_fraction * n_docs)), n_docs - 1)
+        return [int(i) for i in (order[:k] if self.side == "search" else order[k:])]
+
+
+def search_split(cfg: Any, side: str = "search") -> DocumentSplit | None:
+    """An ``EvaluatorConfig``'s split (``split.search_fraction``) over the tasks that
+    ``heldout_tasks`` does not map, on ``side``; None without one."""
+    fraction = cfg.split.search_fraction
+    if fraction is None:
+        return None
+    tasks = tuple(t for t in cfg.tasks if t not in cfg.heldout_tasks)
+    return DocumentSplit(float(fraction), int(cfg.split.seed), side, tasks) if tasks else None
 
 
 def _task_file(manager: TaskManager, name: str) -> str:
@@ -242,6 +332,8 @@ class Evaluator:
         limit: documents per task, as lm-eval's ``--limit`` (an int, or a fraction < 1).
         limits: a limit per task, overriding ``limit`` for the tasks it names.
         samples: fixed document ids per task (``{task: [0, 3, 7]}``), as lm-eval's ``--samples``.
+        split: score one side of each task's documents (``DocumentSplit``); a limit then takes
+            a seeded subset of that side.
         num_fewshot: few-shot examples, as ``simple_evaluate`` applies it (a task whose YAML
             sets 0 keeps 0); the examples are drawn once, with ``fewshot_seed``.
         batch_size: sequences per forward pass.
@@ -266,6 +358,7 @@ class Evaluator:
         num_fewshot: int | None = None,
         batch_size: int = 64,
         fewshot_seed: int = FEWSHOT_SEED,
+        split: DocumentSplit | None = None,
     ):
         names = list(dict.fromkeys([tasks] if isinstance(tasks, str) else tasks))
         if not names:
@@ -311,6 +404,7 @@ class Evaluator:
                     ) from None
                 self.tasks.update(loaded["tasks"])
                 self.groups.update(loaded.get("groups") or {})
+            self.split = split
             self._limits, self._samples = self._subsets(limit, limits, samples)
             for task_name, task in self.tasks.items():
                 self._configure(task_name, task)
@@ -322,11 +416,12 @@ class Evaluator:
 
     @classmethod
     def from_config(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg) -> "Evaluator":
-        """From an ``EvaluatorConfig`` (``fuse_evo.config``)."""
+        """From an ``EvaluatorConfig`` (``fuse_evo.config``): the search side of its split."""
         return cls(
             model, tokenizer, list(cfg.tasks), include_path=list(cfg.include_path) or None,
             limit=cfg.limit, limits=dict(cfg.limits), samples={k: list(v) for k, v in cfg.samples.items()},
             num_fewshot=cfg.num_fewshot, batch_size=cfg.batch_size, fewshot_seed=cfg.fewshot_seed,
+            split=search_split(cfg),
         )
 
     # ---------------------------------------------------------------- construction
@@ -344,6 +439,16 @@ class Evaluator:
             if lim is not None and ids is not None:
                 raise TaskError(f"task {name!r}: give either a limit or sample ids, not both")
             n_docs = len(task.eval_docs)
+            if self.split is not None and self.split.applies(name):
+                if ids is not None:
+                    raise TaskError(f"task {name!r}: give either sample ids or a split, not both")
+                ids = self.split.ids(name, n_docs)
+                if lim is not None:
+                    if not lim > 0:
+                        raise TaskError(f"task {name!r}: limit must be > 0, got {lim}")
+                    ids = ids[:int(math.ceil(lim * len(ids))) if lim < 1 else int(lim)]
+                sizes[name], subsets[name] = None, sorted(ids)
+                continue
             if lim is not None:
                 if not lim > 0:
                     raise TaskError(f"task {name!r}: limit must be > 0, got {lim}")

@@ -16,6 +16,7 @@ larger is better. No lm-eval here: scores arrive as ``Scores`` objects (or any m
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
@@ -112,6 +113,31 @@ def objective(cfg: ObjectiveConfig | Mapping[str, Any], where: str = "objectives
     if metric is not None:
         task, metric_key = parse_metric(str(metric), where)
     return Objective(name, direction, weight, task, metric_key, cost, reference)
+
+
+def short_names(tasks: Sequence[str]) -> list[str]:
+    """Each task's name without the words every name shares at its start and end
+    (``zoo_increment_search``, ``zoo_reverse_search`` -> ``increment``, ``reverse``; words
+    split at ``_``, ``-`` and ``.``); a single task keeps its whole name."""
+    words = [re.split(r"(?<=[_.-])", t) for t in tasks]
+    if len(tasks) < 2:
+        return list(tasks)
+    head = 0
+    while all(len(w) > head + 1 and w[head] == words[0][head] for w in words):
+        head += 1
+    tail = 0
+    while all(len(w) > head + tail + 1 and w[-1 - tail] == words[0][-1 - tail] for w in words):
+        tail += 1
+    names = ["".join(w[head:len(w) - tail]).strip("_.-") for w in words]
+    return names if len(set(names)) == len(names) and all(names) else list(tasks)
+
+
+def default_objectives(primary: Mapping[str, tuple[str, str]]) -> list[dict[str, Any]]:
+    """One objective per task, its primary metric (``{task: ("metric,filter", direction)}``,
+    what ``Evaluator.primary_metrics`` reads), equally weighted."""
+    tasks = list(primary)
+    return [{"name": name, "metric": f"{task}/{primary[task][0]}", "direction": primary[task][1],
+             "weight": 1.0 / len(tasks)} for name, task in zip(short_names(tasks), tasks)]
 
 
 class Objectives:

@@ -143,6 +143,7 @@ def compare_runs(paths: Sequence[str | Path], out: str | Path | None = None, hel
             r["front_size"] = len(r["front"])
 
     sources_rows: list[dict[str, Any]] = []
+    labels: list[str] = []  # what each run's held-out scores are (a search split without a held-out set)
     if heldout:
         lives: dict[str, Any] = {}
         for r in rows:
@@ -158,6 +159,7 @@ def compare_runs(paths: Sequence[str | Path], out: str | Path | None = None, hel
                         sources_rows.append({"model": source, **live.heldout()})
                 live.load(archive.trial(r["best_trial"]).to_recipe())
                 r["heldout"] = live.heldout()
+                labels.append(live.plan.label)
                 if reference is not None and front_heldout and r["front"]:
                     held = [h for _, h in heldout_spread(live, r["front"], directions, front_heldout)]
                     r["heldout_front"] = held
@@ -178,7 +180,7 @@ def compare_runs(paths: Sequence[str | Path], out: str | Path | None = None, hel
                               out / "compare_fronts.png", [reference[n] for n in names])
             figures.append(("Fronts (search split)", "compare_fronts.png"))
 
-    summary = _summarize(rows, names, threshold, reference, sources_rows, out)
+    summary = _summarize(rows, names, threshold, reference, sources_rows, out, labels)
     text = _markdown(summary, names, figures)
     (out / "compare.md").write_text(text)
     (out / "compare.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
@@ -201,7 +203,8 @@ def _shared_reference(rows: list[dict[str, Any]], names: list[str], directions: 
     return point
 
 
-def _summarize(rows, names, threshold, reference, sources_rows, out: Path) -> dict[str, Any]:
+def _summarize(rows, names, threshold, reference, sources_rows, out: Path, labels: Sequence[str] = ()
+               ) -> dict[str, Any]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(r["group"], []).append(r)
@@ -231,6 +234,7 @@ def _summarize(rows, names, threshold, reference, sources_rows, out: Path) -> di
             "runs": [{k: r[k] for k in keep if k in r} for r in rows], "groups": group_rows,
             "sources_heldout": [{"model": s["model"], "objectives": s["objectives"], "scalar": s["scalar"]}
                                 for s in sources_rows],
+            "heldout_label": "; ".join(dict.fromkeys(labels)) or None,
             "best": None if best is None else {"run": best["run"], "dir": best["dir"], "trial": best["best_trial"],
                                                "scalar": best["best_scalar"]}}
 
@@ -238,6 +242,7 @@ def _summarize(rows, names, threshold, reference, sources_rows, out: Path) -> di
 def _markdown(summary: dict[str, Any], names: list[str], figures: list[tuple[str, str]]) -> str:
     runs, groups = summary["runs"], summary["groups"]
     has_held = any(r.get("heldout") for r in runs)
+    held = summary.get("heldout_label") or "held-out"  # "search split (no held-out set)" when there is none
     has_hv = summary["reference_point"] is not None
     threshold = summary["threshold"]
     lines = [f"# Comparison of {len(runs)} runs", ""]
@@ -251,12 +256,12 @@ def _markdown(summary: dict[str, Any], names: list[str], figures: list[tuple[str
     if has_hv:
         ref = summary["reference_point"]
         lines += ["Hypervolume against the reference point " + ", ".join(f"{n} {ref[n]:g}" for n in names if n in ref)
-                  + " (search split" + ("; held-out: the front members scored there" if has_held else "") + ").", ""]
+                  + " (search split" + (f"; {held}: the front members scored there" if has_held else "") + ").", ""]
     header = ["group", "runs", "best search scalar", "evaluations to 95% (runs reaching)"]
     if has_held:
-        header += ["held-out scalar of the best", *[f"held-out {n}" for n in names]]
+        header += [f"{held} scalar of the best", *[f"{held} {n}" for n in names]]
     if has_hv:
-        header += ["hypervolume"] + (["held-out hypervolume"] if has_held else [])
+        header += ["hypervolume"] + ([f"{held} hypervolume"] if has_held else [])
     lines += ["## Groups (mean ± sd over runs)", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for g in groups:
         e_mean, e_sd = g["evaluations_to_95"]
@@ -270,9 +275,9 @@ def _markdown(summary: dict[str, Any], names: list[str], figures: list[tuple[str
         lines.append("| " + " | ".join(cells) + " |")
     header = ["run", "seed", "evaluations", "best search scalar (trial)", "evaluations to 95%"]
     if has_held:
-        header += ["held-out scalar", *[f"held-out {n}" for n in names]]
+        header += [f"{held} scalar", *[f"{held} {n}" for n in names]]
     if has_hv:
-        header += ["front", "hypervolume"] + (["held-out hypervolume"] if has_held else [])
+        header += ["front", "hypervolume"] + ([f"{held} hypervolume"] if has_held else [])
     lines += ["", "## Runs", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in runs:
         cells = [f"`{r['run']}`", str(r["seed"]), str(r["evaluations"]),
@@ -285,7 +290,7 @@ def _markdown(summary: dict[str, Any], names: list[str], figures: list[tuple[str
             cells += [_fmt(r.get("heldout_hypervolume"))] if has_held else []
         lines.append("| " + " | ".join(cells) + " |")
     if summary["sources_heldout"]:
-        lines += ["", "## Source models, held-out", "", "| model | " + " | ".join(names) + " | scalar |",
+        lines += ["", f"## Source models, {held}", "", "| model | " + " | ".join(names) + " | scalar |",
                   "|" + " --- |" * (len(names) + 2)]
         for s in summary["sources_heldout"]:
             lines.append(f"| {s['model']} | " + " | ".join(_fmt(s["objectives"].get(n)) for n in names)

@@ -72,19 +72,26 @@ def pick_trial(archive: Archive, pick: str) -> Trial:
 
 
 # ---------------------------------------------------------------------------- export
+def heldout_label(scores: dict[str, Any]) -> str:
+    """What a scores.json's "heldout" scores are: "held-out", or "search split (no held-out
+    set)" for a run whose tasks have none (``HeldOut.label``)."""
+    return ((scores.get("heldout") or {}).get("how") or {}).get("label") or "held-out"
+
+
 def _model_card(recipe: Recipe, sources: dict[str, str], scores: dict[str, Any], provenance: dict[str, Any]) -> str:
     flat = {f"search {k}": v for k, v in scores["search"]["objectives"].items()}
     if scores["search"].get("scalar") is not None:
         flat["search scalar"] = scores["search"]["scalar"]
     held = scores.get("heldout") or {}
-    flat.update({f"held-out {k}": v for k, v in (held.get("objectives") or {}).items()})
+    label = heldout_label(scores)
+    flat.update({f"{label} {k}": v for k, v in (held.get("objectives") or {}).items()})
     if held.get("scalar") is not None:
-        flat["held-out scalar"] = held["scalar"]
+        flat[f"{label} scalar"] = held["scalar"]
     card = model_card(recipe, sources, flat)
     lines = ["## Provenance", ""]
     lines += [f"- {k}: `{v}`" for k, v in provenance.items()]
     if held:
-        lines += ["", f"Held-out scores: {held.get('how', {}).get('note', '')}."]
+        lines += ["", f"{label[0].upper() + label[1:]} scores: {held.get('how', {}).get('note', '')}."]
     lines += ["", "Rebuild: `fuse-evo merge recipe.yaml --out DIR`; `scores.json` holds every metric.", ""]
     return card + "\n" + "\n".join(lines)
 
@@ -116,7 +123,7 @@ def _path_card(path: Any, sources: dict[str, str], scores: dict[str, Any], prove
              f"- embedding, final norm, head: `{path.io_model}`", *[f"- {n}: `{p}`" for n, p in sources.items()], "",
              "| # | model | layer | scale |", "| --- | --- | --- | --- |",
              *[f"| {k} | {m} | {i} | {s:.4f} |" for k, ((m, i), s) in enumerate(zip(path.steps, path.scales))], "",
-             "## Scores", "", "| objective | search | held-out |", "| --- | --- | --- |",
+             "## Scores", "", f"| objective | search | {heldout_label(scores)} |", "| --- | --- | --- |",
              *[f"| {k} | {v:.4f} | {held.get(k, float('nan')):.4f} |" for k, v in scores["search"]["objectives"].items()],
              "", "## Provenance", "", *[f"- {k}: `{v}`" for k, v in provenance.items()], "",
              f"`{PATH_FILE}` holds the path; `scores.json` every metric.", ""]
@@ -202,7 +209,8 @@ def _front_index(archive: Archive, members: list[tuple[Trial, dict[str, Any]]], 
     if ref is not None and held and all(set(directions) <= set(h) for h in held):
         held_hv = pareto.hypervolume([pareto.to_losses(h, directions) for h in held], ref)
     names = list(directions)
-    index = {"run_id": archive.run_id, "front_size": total, "exported": len(members),
+    label = heldout_label(members[0][1]) if members else "held-out"
+    index = {"run_id": archive.run_id, "front_size": total, "exported": len(members), "heldout_label": label,
              "reference_point": reference, "reference_source": source,
              "hypervolume": {"search": search_hv, "heldout": held_hv},
              "members": [{"folder": f"trial_{t.number}", "trial": t.number, "search": t.objectives,
@@ -212,7 +220,7 @@ def _front_index(archive: Archive, members: list[tuple[Trial, dict[str, Any]]], 
              + ", ".join(f"{n} ({d})" for n, d in directions.items()) + "). Each folder is an ordinary model "
              "with its recipe, scores.json and a model card.", "",
              "| folder | " + " | ".join(f"search {n}" for n in names)
-             + (" | " + " | ".join(f"held-out {n}" for n in names) if any(held) else "") + " |",
+             + (" | " + " | ".join(f"{label} {n}" for n in names) if any(held) else "") + " |",
              "| --- |" + " --- |" * (len(names) * (2 if any(held) else 1))]
     for (t, _), h in zip(members, held):
         cells = [f"{t.objectives[n]:.4f}" for n in names]
@@ -222,7 +230,7 @@ def _front_index(archive: Archive, members: list[tuple[Trial, dict[str, Any]]], 
     if search_hv is not None:
         lines += ["", "Hypervolume of these members against the reference point "
                   + ", ".join(f"{n} {reference[n]:g} ({source[n]})" for n in names)
-                  + f": search {search_hv:.4f}" + (f", held-out {held_hv:.4f}" if held_hv is not None else "") + "."]
+                  + f": search {search_hv:.4f}" + (f", {label} {held_hv:.4f}" if held_hv is not None else "") + "."]
     return index, "\n".join(lines) + "\n"
 
 
@@ -298,7 +306,7 @@ def main(argv: list[str]) -> int:
     line = f"trial {scores['trial']}: search scalar {scores['search']['scalar']:.4f}"
     held = (scores.get("heldout") or {}).get("scalar")
     if held is not None:
-        line += f", held-out scalar {held:.4f}"
+        line += f", {heldout_label(scores)} scalar {held:.4f}"
     print(line)
     print(f"exported to {out}" + (" (with mergekit.yaml)" if (out / MERGEKIT_FILE).exists() else ""))
     return 0

@@ -1,11 +1,12 @@
 """Held-out scores of a finished run: what the search never saw.
 
-``heldout_plan`` says how a run's candidates are scored out of sample: the run's evaluator
-tasks with each ``*_search`` task swapped for its ``*_heldout`` counterpart when the run used
-zoo tasks (scored on the whole held-out split, as the zoo's own table is); otherwise the
-search tasks themselves, with the run's limits. ``HeldOutMerge`` rebuilds a run's live merge
-from its archive and scores any candidate on that plan; export, report and compare all score
-through it.
+``heldout_plan`` says how a run's candidates are scored out of sample: each search task's
+held-out task (``evaluator.heldout_tasks``; a zoo run's ``*_heldout`` counterpart), or the
+held-out side of the run's document split (``evaluator.split``), every document. A task with
+neither is scored on its search split with the run's limits, and every output calls those
+scores "search split (no held-out set)" (``HeldOut.label``), never held-out.
+``HeldOutMerge`` rebuilds a run's live merge from its archive and scores any candidate on that
+plan; export, report and compare all score through it.
 """
 
 from __future__ import annotations
@@ -28,10 +29,15 @@ class HeldOutError(FuseEvoError):
     """A run whose candidates cannot be scored out of sample (no tokenizer, ...)."""
 
 
+SEARCH_ONLY = "search split (no held-out set)"  # the label of scores that are not held out
+
+
 @dataclass
 class HeldOut:
-    """How held-out scores are made: tasks, their include path, limits, and how each search
-    objective's metric maps onto a held-out task."""
+    """How held-out scores are made: tasks, their include path, limits, how each search
+    objective's metric maps onto a held-out task, the held-out side of the run's document
+    split (``split``: search_fraction, seed, the tasks it splits) and what to call the scores
+    (``label``: "held-out", or ``SEARCH_ONLY`` where some task has no held-out set)."""
 
     tasks: list[str]
     include_path: list[str]
@@ -41,31 +47,58 @@ class HeldOut:
     batch_size: int
     rename: dict[str, str]  # search task -> held-out task
     note: str
+    split: dict[str, Any] | None = None
+    label: str = "held-out"
+
+    @property
+    def is_heldout(self) -> bool:
+        return self.label == "held-out"
 
     def to_dict(self) -> dict[str, Any]:
         return {"tasks": self.tasks, "include_path": self.include_path, "limit": self.limit,
                 "limits": self.limits, "num_fewshot": self.num_fewshot, "batch_size": self.batch_size,
-                "from_search_tasks": self.rename, "note": self.note}
+                "from_search_tasks": self.rename, "split": self.split, "label": self.label, "note": self.note}
 
 
 def heldout_plan(archive: Archive) -> HeldOut:
+    """Each search task's held-out set: ``evaluator.heldout_tasks``, else (a zoo run) the zoo's
+    ``*_heldout`` counterpart, else the held-out side of ``evaluator.split``; a task with none
+    is scored on the search split itself, with the run's limits, and labelled so."""
     info, config = archive.info, archive.config
     ev = config.get("evaluator") or {}
     tasks = list(info.get("tasks") or ev.get("tasks") or [])
     include = [str(p) for p in (info.get("include_path") or ev.get("include_path") or [])]
+    rename = {t: str(o) for t, o in (ev.get("heldout_tasks") or {}).items() if t in tasks}
     zoo_tasks = (info.get("zoo") or {}).get("task_dir")
-    rename: dict[str, str] = {}
     if zoo_tasks:
         for t in tasks:
-            if t.endswith("_search") and (Path(zoo_tasks) / f"{t[:-len('_search')]}_heldout.yaml").exists():
+            if t not in rename and t.endswith("_search") \
+                    and (Path(zoo_tasks) / f"{t[:-len('_search')]}_heldout.yaml").exists():
                 rename[t] = f"{t[:-len('_search')]}_heldout"
+    split_cfg = ev.get("split") or {}
+    fraction = split_cfg.get("search_fraction")
+    split_tasks = [t for t in tasks if t not in rename] if fraction is not None else []
+    uncovered = [t for t in tasks if t not in rename and t not in split_tasks]
+    limits = {t: (ev.get("limits") or {}).get(t, ev.get("limit")) for t in uncovered}
+    notes = []
     if rename:
-        return HeldOut([rename.get(t, t) for t in tasks], include, None, {}, ev.get("num_fewshot"),
-                       int(ev.get("batch_size") or 64), rename,
-                       "the zoo's held-out split (each *_search task's *_heldout counterpart), every document")
-    return HeldOut(tasks, include, ev.get("limit"), dict(ev.get("limits") or {}), ev.get("num_fewshot"),
-                   int(ev.get("batch_size") or 64), {t: t for t in tasks},
-                   "no held-out split known for these tasks: the search tasks, with the run's limits")
+        notes.append("held-out tasks " + ", ".join(f"{t} -> {o}" for t, o in rename.items()) + ", every document")
+    if split_tasks:
+        notes.append(f"the held-out side of the run's split of {', '.join(split_tasks)} "
+                     f"(search fraction {fraction}, seed {split_cfg.get('seed', 0)}), every document")
+    if uncovered:
+        notes.append(f"no held-out set for {', '.join(uncovered)}: its search split, with the run's limits")
+    if not uncovered:
+        label = "held-out"
+    elif len(uncovered) == len(tasks):
+        label = SEARCH_ONLY
+    else:
+        label = f"held-out, except {', '.join(uncovered)}: {SEARCH_ONLY}"
+    split = ({"search_fraction": float(fraction), "seed": int(split_cfg.get("seed", 0)), "tasks": split_tasks}
+             if split_tasks else None)
+    return HeldOut([rename.get(t, t) for t in tasks], include, None, {t: v for t, v in limits.items() if v is not None},
+                   ev.get("num_fewshot"), int(ev.get("batch_size") or 64), {t: rename.get(t, t) for t in tasks},
+                   "; ".join(notes), split, label)
 
 
 def heldout_objectives(info: dict[str, Any], plan: HeldOut, metrics: dict[str, float]) -> dict[str, float]:
@@ -112,17 +145,19 @@ class HeldOutMerge(LiveMerge):
 
     def heldout(self) -> dict[str, Any]:
         """Held-out metrics, objectives and scalar of the live model as it is now."""
-        from ..evaluate.evaluator import Evaluator
+        from ..evaluate.evaluator import DocumentSplit, Evaluator
 
         if self.tokenizer is None:
             raise HeldOutError(f"{self.sources[self.info['base']]} has no tokenizer: held-out scoring needs one")
         evaluator = self._evaluators.get(id(self.live))
         if evaluator is None:  # one per live object: the merged model, the routed one
             p = self.plan
+            split = None if p.split is None else DocumentSplit(p.split["search_fraction"], p.split["seed"], "heldout",
+                                                                tuple(p.split["tasks"]))
             evaluator = self._evaluators[id(self.live)] = Evaluator(
                 self.live, self.tokenizer, p.tasks, include_path=p.include_path or None, limit=p.limit,
                 limits={k: v for k, v in p.limits.items() if k in p.tasks}, num_fewshot=p.num_fewshot,
-                batch_size=p.batch_size)
+                batch_size=p.batch_size, split=split)
         metrics = evaluator.score().flat()
         objectives = heldout_objectives(self.info, self.plan, metrics)
         return {"metrics": metrics, "objectives": objectives, "scalar": scalar_of(self.info, objectives)}

@@ -53,17 +53,19 @@ def convergence_plot(trials: Sequence[Trial], path: Path) -> None:
 
 def front_scatter(names: Sequence[str], points: Sequence[Sequence[float]], front: Sequence[Sequence[float]],
                   reference: Sequence[float] | None, path: Path, heldout: Sequence[Sequence[float]] = (),
-                  title: str = "Pareto front") -> None:
+                  title: str = "Pareto front", heldout_label: str = "held-out") -> None:
     """Two objectives (their own units): every completed trial, the front joined as a
-    staircase, the reference point, and the front members' held-out scores when given."""
+    staircase, the reference point, and the front members' held-out scores when given (drawn
+    last, as larger hollow diamonds, so they stay visible where they equal a search point)."""
     fig, ax = plt.subplots(figsize=(6, 5))
     if points:
-        ax.scatter(*zip(*points), s=10, color="0.7", label="trial")
+        ax.scatter(*zip(*points), s=10, color="0.7", label="trial", zorder=1)
     if front:
         f = sorted(front)
-        ax.plot(*zip(*f), color="C3", marker="o", ms=5, label=f"front ({len(f)})")
+        ax.plot(*zip(*f), color="C3", marker="o", ms=5, label=f"front ({len(f)})", zorder=2)
     if heldout:
-        ax.scatter(*zip(*heldout), s=30, facecolors="none", edgecolors="C0", label="front, held-out")
+        ax.scatter(*zip(*heldout), s=70, marker="D", facecolors="none", edgecolors="C0", linewidths=1.5,
+                   label=f"front members, {heldout_label}", zorder=3)
     _reference(ax, reference, [*points, *front, *heldout])
     ax.set_xlabel(names[0])
     ax.set_ylabel(names[1])
@@ -144,22 +146,32 @@ def coefficient_heatmaps(labels: list[str], rows: Sequence[tuple[str, dict[str, 
                          path: Path) -> None:
     """One heatmap per source model and parameter: a row per recipe (e.g. the best, or each
     front member), a column per tensor group, colour the coefficient."""
+    fig = heatmap_figure(labels, rows, title)
+    if fig is not None:
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+
+def heatmap_figure(labels: list[str], rows: Sequence[tuple[str, dict[str, list[float]]]], title: str):
+    """``coefficient_heatmaps``' figure (None: nothing to draw). Laid out by matplotlib's
+    constrained layout, so the title, the panels' titles, the row labels (on the first panel
+    only) and the colour bar never overlap."""
     keys = list(dict.fromkeys(k for _, series in rows for k in series))
     if not keys:
-        return
+        return None
     values = [[series.get(k) or [float("nan")] * len(labels) for _, series in rows] for k in keys]
     lo = min(v for m in values for r in m for v in r if v == v)
     hi = max(v for m in values for r in m for v in r if v == v)
-    fig, axes = plt.subplots(1, len(keys), figsize=(max(5, 3.2 * len(keys)), 1.2 + 0.3 * len(rows)), squeeze=False)
-    for ax, key, grid in zip(axes[0], keys, values):
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(5, 3.2 * len(keys)), 1.8 + 0.3 * len(rows)), squeeze=False,
+                             layout="constrained")
+    for j, (ax, key, grid) in enumerate(zip(axes[0], keys, values)):
         image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=lo, vmax=hi)
         ax.set_title(key, fontsize=9)
         ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=90)
-        ax.set_yticks(range(len(rows)), [name for name, _ in rows], fontsize=7)
+        ax.set_yticks(range(len(rows)), [name for name, _ in rows] if j == 0 else [], fontsize=7)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    return fig
 
 
 def path_plot(path, title: str, path_png: Path) -> None:

@@ -91,11 +91,11 @@ class ReportError(FuseEvoError):
     """A baseline run that cannot be compared with the run reported (the message says why)."""
 
 
-def _table(rows: list[dict[str, Any]], names: list[str]) -> str:
+def _table(rows: list[dict[str, Any]], names: list[str], label: str) -> str:
     def number(value: float | None) -> str:
         return "-" if value is None else f"{value:.4f}"
 
-    lines = ["| model | " + " | ".join(names) + " | held-out scalar | search scalar |",
+    lines = ["| model | " + " | ".join(names) + f" | {label} scalar | search scalar |",
              "| --- |" + " --- |" * (len(names) + 2)]
     for r in rows:
         cells = [number(r["objectives"].get(n)) for n in names]
@@ -157,6 +157,7 @@ def _pareto_section(archive: Archive, trials: list[Trial], out: Path, live: Held
                                "hypervolume": history[-1] if history else None,
                                "members": [{"trial": t.number, "search": t.objectives} for t in front]}
     held = heldout_spread(live, front, directions, front_heldout) if live is not None else []
+    label = live.plan.label if live is not None else "held-out"
     if held:
         by_trial = {t.number: h for t, h in held}
         for m in section["members"]:
@@ -171,7 +172,7 @@ def _pareto_section(archive: Archive, trials: list[Trial], out: Path, live: Held
                             [[t.objectives[n] for n in names] for t in front],
                             [reference[n] for n in names] if len(reference) == 2 else None, out / "front.png",
                             heldout=[[h[n] for n in names] for _, h in held if set(names) <= set(h)],
-                            title=f"Pareto front ({len(front)} of {len(done)} completed)")
+                            title=f"Pareto front ({len(front)} of {len(done)} completed)", heldout_label=label)
     elif front:
         plots.parallel_coordinates(names, [[t.objectives[n] for n in names] for t in front], out / "front.png",
                                    colour_by=[t.scalar for t in front])
@@ -189,19 +190,19 @@ def _pareto_section(archive: Archive, trials: list[Trial], out: Path, live: Held
     text = ["## Pareto front", "",
             f"{len(front)} non-dominated of {len(done)} completed evaluations; hypervolume "
             + (f"{section['hypervolume']:.4f}" if section["hypervolume"] is not None else "-")
-            + (f" (held-out, the {len(held)} members below: {section['heldout_hypervolume']:.4f})"
+            + (f" ({label}, the {len(held)} members below: {section['heldout_hypervolume']:.4f})"
                if section.get("heldout_hypervolume") is not None else "")
             + f" against the reference point {ref_text or '(none: no completed trial)'}.", ""]
     shown = held or [(t, {}) for t in front[:20]]
     text += ["| trial | " + " | ".join(f"search {n}" for n in names)
-             + (" | " + " | ".join(f"held-out {n}" for n in names) if held else "") + " |",
+             + (" | " + " | ".join(f"{label} {n}" for n in names) if held else "") + " |",
              "| --- |" + " --- |" * (len(names) * (2 if held else 1))]
     for t, h in sorted(shown, key=lambda th: pareto.to_losses(th[0].objectives, directions)):
         cells = [f"{t.objectives[n]:.4f}" for n in names] + ([f"{h.get(n, float('nan')):.4f}" for n in names]
                                                              if held else [])
         text.append(f"| {t.number} | " + " | ".join(cells) + " |")
     if held and len(held) < len(front):
-        text += ["", f"(held-out: {len(held)} members spread over the front; --front-heldout K for more)"]
+        text += ["", f"({label}: {len(held)} members spread over the front; --front-heldout K for more)"]
     return section, text + [""] + [f"![{title}]({png})" for title, png in figures] + [""]
 
 
@@ -271,7 +272,9 @@ def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = 
                                                for r in rows]}
             else:
                 summary["notes"].append("held-out scoring skipped (--no-heldout)")
-    table = _table(rows, names) if rows else "(no held-out table)"
+    how = (summary.get("heldout") or {}).get("how") or {}
+    label = how.get("label", "held-out")
+    table = _table(rows, names, label) if rows else "(no held-out table)"
     text = [f"# Search report: {summary['name']} ({summary['run_id']})", "",
             f"evaluations: {summary['evaluations']} of budget {summary['budget']} (completed {summary['completed']}, "
             f"failed {summary['failed']}, deduplicated {summary['deduplicated']}); strategy {summary['strategy']}", ""]
@@ -279,7 +282,10 @@ def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = 
         text.append(f"best (largest weighted sum of the objectives): trial {summary['best']['trial']}, search "
                     f"scalar {summary['best']['scalar']:.4f}")
         text.append("")
-    text += ["## Held-out", "", table, ""] + [f"- {n}" for n in summary["notes"]]
+    heading = "Held-out" if label == "held-out" else label[0].upper() + label[1:]
+    if how.get("note"):
+        summary["notes"].insert(0, f"scored on {how['note']}")
+    text += [f"## {heading}", "", table, ""] + [f"- {n}" for n in summary["notes"]]
     text += ["", *pareto_text, "## Figures", ""] + [f"![{title}]({png})" for title, png in figures]
     atomic_write(out / "summary.md", "\n".join(text) + "\n")
     atomic_write(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))

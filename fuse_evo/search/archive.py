@@ -447,12 +447,18 @@ class Archive:
         return {o["name"]: o["direction"] for o in self.info["objectives"]}
 
     def pareto_front(self) -> list[Trial]:
-        """Completed trials that no other completed trial dominates on the objectives (each
-        in its own direction), in trial order. Failed trials never count; a recipe evaluated
-        again (a duplicate) counts once; different recipes with equal values all stay."""
+        """The front: every objective vector (each objective in its own direction) that no
+        completed trial dominates, once, as its first trial, in trial order. Failed trials
+        never count; trials with equal values (a duplicate recipe, or another recipe scoring
+        the same) are one point, as the search log's live front counts them: one definition
+        of the front and its size for the log, the report, compare and front.json."""
         directions = self.directions()
         done = scored(self.trials("complete"), directions)
-        return [done[i] for i in pareto.front_indices([pareto.to_losses(t.objectives, directions) for t in done])]
+        losses = [tuple(pareto.to_losses(t.objectives, directions)) for t in done]
+        first = {}
+        for i in pareto.front_indices(losses):
+            first.setdefault(losses[i], done[i])
+        return list(first.values())
 
     def reference_point(self) -> tuple[dict[str, float], dict[str, str]]:
         """The hypervolume's reference point in the objectives' own units, and where each

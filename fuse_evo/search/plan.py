@@ -15,11 +15,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import (RESUME_SAFE, ClusterConfig, DataFlowSpaceConfig, ModelsConfig, SearchCommand, StrategyConfig,
-                      check_limits, to_yaml)
+from ..config import (RESUME_SAFE, ClusterConfig, DataFlowSpaceConfig, ModelsConfig, ObjectiveConfig, SearchCommand,
+                      StrategyConfig, check_heldout, check_limits, to_yaml)
 from ..device import check_device
 from ..errors import ConfigError, FuseEvoError
-from ..evaluate.objectives import Objectives
+from ..evaluate.objectives import Objectives, default_objectives
 from ..merge.placement import Machine, MemoryPlan, memory_plan, read_model_bytes
 from ..registry import spec
 from ..recipe import DATAFLOW, DataFlowError, is_path
@@ -112,6 +112,7 @@ def check_plan(cmd: SearchCommand) -> None:
         if value is not None and int(value) < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
     check_limits(cmd.evaluator)
+    check_heldout(cmd.evaluator)
     check_cluster(cmd.cluster)
     if cmd.cluster.backend == "serial" or not cmd.cluster.address:  # a joined cluster's GPUs are on its nodes
         check_device(cmd.run.device, "run.device")
@@ -158,16 +159,18 @@ def make_plan(cmd: SearchCommand, run_id: str, cluster: ClusterConfig, stored: d
     else:
         space = SearchSpace(space_cfg, base_config(models.base))
 
-    objectives = Objectives(cmd.evaluator.objectives, prefix="evaluator.objectives")
-    n_obj = cmd.strategy.num_objectives
-    if n_obj not in (None, 1, len(objectives)):
-        raise ConfigError(f"strategy.num_objectives: {n_obj}; use 1 (the weighted sum of the objectives), "
-                          f"{len(objectives)} (each of {objectives.names}) or null (each of them)")
     evaluator = cmd.evaluator
     if not evaluator.include_path and models.task_dir:
         evaluator = replace(evaluator, include_path=[models.task_dir])
     if not evaluator.tasks:
         raise ConfigError("evaluator.tasks: name the lm-eval tasks that score a candidate")
+    if not evaluator.objectives:  # each task's primary metric, equally weighted
+        evaluator = replace(evaluator, objectives=[ObjectiveConfig(**o) for o in task_objectives(evaluator)])
+    objectives = Objectives(evaluator.objectives, prefix="evaluator.objectives")
+    n_obj = cmd.strategy.num_objectives
+    if n_obj not in (None, 1, len(objectives)):
+        raise ConfigError(f"strategy.num_objectives: {n_obj}; use 1 (the weighted sum of the objectives), "
+                          f"{len(objectives)} (each of {objectives.names}) or null (each of them)")
     memory = plan_memory(cmd, models, space_cfg, cluster)
     worker = WorkerSpec(
         base=models.base, sources={m: models.sources[m] for m in space_cfg.models},
@@ -185,6 +188,16 @@ def make_plan(cmd: SearchCommand, run_id: str, cluster: ClusterConfig, stored: d
     reference = [o.default_reference for o in objectives]
     losses = None if None in reference else objectives.losses(dict(zip(objectives.names, reference)))
     return Plan(cmd, models, space, objectives, worker, strategy_cfg, losses, memory)
+
+
+def task_objectives(evaluator: Any) -> list[dict[str, Any]]:
+    """The default objectives of ``evaluator``'s tasks, read from their task files."""
+    from ..evaluate.evaluator import TaskError, primary_metrics
+
+    try:
+        return default_objectives(primary_metrics(evaluator.tasks, evaluator.include_path))
+    except TaskError as e:
+        raise ConfigError(f"evaluator.tasks: {e}") from None
 
 
 def space_models(space_cfg: Any, models: Models) -> Any:
