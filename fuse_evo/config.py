@@ -238,6 +238,11 @@ class SpaceConfig:
     granularity: GranularityConfig = field(default_factory=GranularityConfig)
     seed: int = 0  # the seed of stochastic methods (DARE, DELLA) in every decoded recipe
     dataflow: Optional[DataFlowSpaceConfig] = None  # with method: dataflow, the layer-path space
+    # a per-layer search first scans one global scale of its weight gene (every weight equal,
+    # the other genes at their start) at this many grid points, at most a tenth of run.budget
+    # and only when that is 3 or more, into RUN_DIR/stages/scan; the search then starts from
+    # the best scale found. 0, or an explicit space.genes.weight.init: no scan.
+    scan: int = 8
 
 
 @dataclass

@@ -142,3 +142,28 @@ def test_experiments_run_on_models_given_by_path(micro_zoo, tmp_path):
     result = run_search(compose_command("search", _paths(micro_zoo, tmp_path / "pq", "run.budget=2",
                                                          experiment="pareto_quickstart")))
     assert result.evaluations == 2 and result.front.startswith("front ")
+
+
+def test_a_per_layer_search_starts_from_the_best_global_scale(micro_zoo, tmp_path):
+    run = tmp_path / "scanned"
+    overrides = _paths(micro_zoo, run, "run.budget=30")  # ta_per_layer, weight init left open: 3 scan points
+    result = run_search(compose_command("search", overrides))
+    with Archive.open(run / "stages" / "scan") as scan:
+        genomes = sorted(t.genome[0] for t in scan.trials())
+        scan_best = scan.best()
+    assert genomes == pytest.approx([0.0, 0.5, 1.0])
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    assert stored["space"]["genes"]["weight"]["init"] == pytest.approx(scan_best.genome[0])
+    assert result.evaluations == 27 and stored["run"]["budget"] == 27  # the scan's 3 come out of the budget
+    with Archive.open(run) as archive:
+        first = archive.trials()[0]
+        assert first.genome == pytest.approx([scan_best.genome[0]] * len(first.genome))  # its first candidate
+        assert first.scalar == pytest.approx(scan_best.scalar) and archive.best().scalar >= scan_best.scalar
+    again = run_search(compose_command("search", overrides))  # resumed: nothing runs again
+    assert again.already_done and again.evaluations == 27
+    with Archive.open(run / "stages" / "scan") as scan:
+        assert scan.count() == 3
+    assert main(["report", str(run)]) == 0  # the scan is the report's baseline row
+    rows = json.loads((run / "report" / "summary.json").read_text())["heldout"]["rows"]
+    scan_row = next(r for r in rows if r["name"].startswith("scan: best of 3 (grid, task_arithmetic, weight "))
+    assert scan_row["search_scalar"] == pytest.approx(scan_best.scalar)

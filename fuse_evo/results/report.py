@@ -33,6 +33,7 @@ from ..registry import PER_MODEL_PARAMS
 from ..recipe import LayerPath, TensorGroup
 from ..search import pareto
 from ..search.archive import CONFIG_FILE, Archive, Trial, scored
+from ..search.rundir import SCAN_STAGE, STAGES_DIR
 from . import plots
 from .compare import compare_runs
 from .heldout import HeldOutMerge, heldout_plan, heldout_spread
@@ -215,7 +216,8 @@ def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = 
         info = archive.info
         trials = archive.trials()
         best = archive.best()
-        others = open_baselines(run_dir, info, list(baselines))
+        scan = run_dir / STAGES_DIR / SCAN_STAGE  # a per-layer search's global-scale scan: its baseline row
+        others = open_baselines(run_dir, info, list(baselines) + ([scan] if (scan / CONFIG_FILE).exists() else []))
         if others and not heldout:
             raise ReportError("--baseline: baselines are compared on the held-out split; drop --no-heldout")
         summary: dict[str, Any] = {"run_id": archive.run_id, "name": info.get("name"), **counts(archive),

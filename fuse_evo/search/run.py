@@ -48,7 +48,7 @@ from .archive import CONFIG_FILE, Archive, Trial, default_url, schema_lock
 from .mirror import StudyMirror
 from .pareto import Front
 from .plan import check_plan, command_yaml, make_plan
-from .rundir import (LOG_FILE, OUR_FILES, STAGES_DIR, STRATEGY_FILE, LogTo, RunDirError, load_cache,
+from .rundir import (LOG_FILE, OUR_FILES, SCAN_STAGE, STAGES_DIR, STRATEGY_FILE, LogTo, RunDirError, load_cache,
                      lock, prepare_run_dir, save_cache, trial_log)
 from .scheduler import Scheduler, SerialScheduler
 from .space import SpaceError
@@ -426,7 +426,53 @@ def run_search(cmd: SearchCommand, scheduler_factory=None) -> SearchResult:
     search with ``space.dataflow.merge_stage``); returns when its budget is reached."""
     check_plan(cmd)
     cmd = run_first_stage(cmd, scheduler_factory)
+    cmd = run_scan_stage(cmd, scheduler_factory)
     return Search(cmd, scheduler_factory).run()
+
+
+def scan_points(cmd: SearchCommand) -> int:
+    """How many global scales a search scans before its per-layer search (0: no scan): the
+    space's ``scan`` points, at most a tenth of the budget, when the space has a weight gene
+    per layer or model whose start the config left open, and 3 points or more."""
+    space = cmd.space
+    gene = space.genes.get("weight") if space.method != DATAFLOW else None
+    if gene is None or gene.init is not None or (gene.scope or "group_model") not in ("group_model", "group"):
+        return 0
+    points = min(int(space.scan), int(cmd.run.budget) // 10)
+    return points if points >= 3 else 0
+
+
+def run_scan_stage(cmd: SearchCommand, scheduler_factory=None) -> SearchCommand:
+    """The global-scale scan of a per-layer search (``scan_points``): every weight gene at one
+    value, the other genes at their start, ``scan_points`` values on an even grid over the
+    weight's bounds, scored into ``RUN_DIR/stages/scan`` (resumed or found finished when the
+    command runs again). Returns ``cmd`` starting from the best scale (its first candidate,
+    as ``strategy.initial=uniform`` asks the start first) with the scan's evaluations taken
+    from its budget, so a search never ends below the plain uniform merge it could have
+    found, and costs what it says."""
+    points = scan_points(cmd)
+    if not points:
+        return cmd
+    space, weight = cmd.space, cmd.space.genes["weight"]
+    fixed = {**space.fixed, **{p: g.init for p, g in space.genes.items() if p != "weight" and g.init is not None}}
+    stage_dir = Path(cmd.run.dir).expanduser().resolve() / STAGES_DIR / SCAN_STAGE
+    stage = replace(
+        cmd, name=f"{cmd.name}_scan",
+        space=replace(space, genes={"weight": replace(weight, scope="global")}, fixed=fixed, scan=0),
+        strategy=replace(cmd.strategy, backend="grid", optimizer=None, budget=points, num_objectives=1,
+                         population_size=None, initial=None),
+        run=replace(cmd.run, dir=str(stage_dir), budget=points, id=None))
+    log.info("global-scale scan: %d scales of every weight in [%g, %g] in %s, then the search from the best",
+             points, weight.low, weight.high, stage_dir)
+    result = Search(stage, scheduler_factory).run()
+    if result.best is None:
+        raise FuseEvoError(f"the global-scale scan ({stage_dir}): no candidate completed ({nothing_scored(result)})")
+    best = float(result.best.genome[0])
+    log.info("global-scale scan: best weight %.4g (trial %d, scalar %.4f); the search starts there", best,
+             result.best.number, result.best.scalar)
+    budget = int(cmd.run.budget) - points
+    return replace(cmd, space=replace(space, genes={**space.genes, "weight": replace(weight, init=best)}),
+                   run=replace(cmd.run, budget=budget), strategy=replace(cmd.strategy, budget=budget))
 
 
 def run_first_stage(cmd: SearchCommand, scheduler_factory=None) -> SearchCommand:

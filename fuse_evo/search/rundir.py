@@ -40,6 +40,7 @@ LOG_FILE = "search.log"
 LOCK_FILE = ".lock"
 OUR_FILES = (CONFIG_FILE, DB_FILE, STRATEGY_FILE, LOG_FILE)
 STAGES_DIR = "stages"  # a hybrid search's first stage runs in RUN_DIR/stages/NAME
+SCAN_STAGE = "scan"  # a per-layer search's global-scale scan runs in RUN_DIR/stages/scan
 CHECKPOINT_FORMAT = 2  # 2: a cache vouched for by the archive (fe_cache); 1 was the checkpoint
 
 class RunDirError(FuseEvoError):
