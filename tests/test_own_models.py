@@ -167,3 +167,17 @@ def test_a_per_layer_search_starts_from_the_best_global_scale(micro_zoo, tmp_pat
     rows = json.loads((run / "report" / "summary.json").read_text())["heldout"]["rows"]
     scan_row = next(r for r in rows if r["name"].startswith("scan: best of 3 (grid, task_arithmetic, weight "))
     assert scan_row["search_scalar"] == pytest.approx(scan_best.scalar)
+
+
+def test_a_normalizing_method_scans_its_lambda(micro_zoo, tmp_path):
+    run = tmp_path / "ties"
+    run_search(compose_command("search", _paths(micro_zoo, run, "run.budget=30", "space=ties_per_block")))
+    with Archive.open(run / "stages" / "scan") as scan:
+        assert scan.info["genes"] == ["lambda"]  # a common weight cancels out under normalize
+        assert sorted(t.genome[0] for t in scan.trials()) == pytest.approx([0.0, 1.0, 2.0])
+        scan_best = scan.best()
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    assert stored["space"]["genes"]["lambda"]["init"] == pytest.approx(scan_best.genome[0])
+    assert stored["space"]["genes"]["weight"]["init"] is None
+    with Archive.open(run) as archive:  # its start is the scan's best merge (equal weights, normalized)
+        assert archive.trials()[0].scalar == pytest.approx(scan_best.scalar)

@@ -40,10 +40,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import SearchCommand, compose
+from ..config import GeneConfig, SearchCommand, compose
 from ..errors import ConfigError, FuseEvoError
 from ..files import atomic_write
 from ..recipe import DATAFLOW, Candidate
+from ..registry import spec
 from .archive import CONFIG_FILE, Archive, Trial, default_url, schema_lock
 from .mirror import StudyMirror
 from .pareto import Front
@@ -430,49 +431,74 @@ def run_search(cmd: SearchCommand, scheduler_factory=None) -> SearchResult:
     return Search(cmd, scheduler_factory).run()
 
 
-def scan_points(cmd: SearchCommand) -> int:
-    """How many global scales a search scans before its per-layer search (0: no scan): the
-    space's ``scan`` points, at most a tenth of the budget, when the space has a weight gene
-    per layer or model whose start the config left open, and 3 points or more."""
+LAMBDA_SCAN = (0.0, 2.0)  # a normalizing method's global scale, scanned here when lambda is no gene
+
+
+def scan_plan(cmd: SearchCommand) -> tuple[str, int]:
+    """What a search's global-scale scan varies and at how many points (``("", 0)``: no scan).
+
+    A space scans when its weight gene is per layer (scope ``group_model`` or ``group``) with
+    its start left open: ``space.scan`` points, at most a tenth of the budget, and 3 or more.
+    The scale is every weight at one value (``weight``) or, for a method that normalizes by
+    the weights' sum (where a common weight cancels out), its ``lambda``; a method with
+    neither (a plain weighted average) has no global scale to scan."""
     space = cmd.space
     gene = space.genes.get("weight") if space.method != DATAFLOW else None
     if gene is None or gene.init is not None or (gene.scope or "group_model") not in ("group_model", "group"):
-        return 0
+        return "", 0
+    method = spec(space.method)
+    if method.resolved(space.fixed).get("normalize"):
+        lam = space.genes.get("lambda")
+        if "lambda" not in method.global_params or (lam is not None and lam.init is not None):
+            return "", 0
+        param = "lambda"
+    else:
+        param = "weight"
     points = min(int(space.scan), int(cmd.run.budget) // 10)
-    return points if points >= 3 else 0
+    return (param, points) if points >= 3 else ("", 0)
 
 
 def run_scan_stage(cmd: SearchCommand, scheduler_factory=None) -> SearchCommand:
-    """The global-scale scan of a per-layer search (``scan_points``): every weight gene at one
-    value, the other genes at their start, ``scan_points`` values on an even grid over the
-    weight's bounds, scored into ``RUN_DIR/stages/scan`` (resumed or found finished when the
-    command runs again). Returns ``cmd`` starting from the best scale (its first candidate,
-    as ``strategy.initial=uniform`` asks the start first) with the scan's evaluations taken
-    from its budget, so a search never ends below the plain uniform merge it could have
-    found, and costs what it says."""
-    points = scan_points(cmd)
+    """The global-scale scan of a per-layer search (``scan_plan``): one scale on an even grid
+    over its bounds (the weight gene's, or lambda's), every other gene at its start, scored
+    into ``RUN_DIR/stages/scan`` (resumed or found finished when the command runs again).
+    Returns ``cmd`` starting from the best scale (its first candidate, as
+    ``strategy.initial=uniform`` asks the start first) with the scan's evaluations taken from
+    its budget, so a search never ends below the uniform merge it could have found, and costs
+    what it says."""
+    param, points = scan_plan(cmd)
     if not points:
         return cmd
-    space, weight = cmd.space, cmd.space.genes["weight"]
-    fixed = {**space.fixed, **{p: g.init for p, g in space.genes.items() if p != "weight" and g.init is not None}}
+    space = cmd.space
+    genes = dict(space.genes)
+    fixed = {**space.fixed, **{p: g.init for p, g in genes.items() if p != param and g.init is not None}}
+    if param == "weight":
+        scanned = replace(genes["weight"], scope="global")
+    else:  # normalized: any common weight is the same merge
+        fixed["weight"] = 1.0
+        lam = genes.get("lambda")
+        scanned = GeneConfig(*LAMBDA_SCAN) if lam is None else replace(lam, scope="global")
     stage_dir = Path(cmd.run.dir).expanduser().resolve() / STAGES_DIR / SCAN_STAGE
     stage = replace(
         cmd, name=f"{cmd.name}_scan",
-        space=replace(space, genes={"weight": replace(weight, scope="global")}, fixed=fixed, scan=0),
+        space=replace(space, genes={param: scanned}, fixed=fixed, scan=0),
         strategy=replace(cmd.strategy, backend="grid", optimizer=None, budget=points, num_objectives=1,
                          population_size=None, initial=None),
         run=replace(cmd.run, dir=str(stage_dir), budget=points, id=None))
-    log.info("global-scale scan: %d scales of every weight in [%g, %g] in %s, then the search from the best",
-             points, weight.low, weight.high, stage_dir)
+    log.info("global-scale scan: %d values of %s in [%g, %g] in %s, then the search from the best", points,
+             "every weight" if param == "weight" else "lambda", scanned.low, scanned.high, stage_dir)
     result = Search(stage, scheduler_factory).run()
     if result.best is None:
         raise FuseEvoError(f"the global-scale scan ({stage_dir}): no candidate completed ({nothing_scored(result)})")
     best = float(result.best.genome[0])
-    log.info("global-scale scan: best weight %.4g (trial %d, scalar %.4f); the search starts there", best,
+    log.info("global-scale scan: best %s %.4g (trial %d, scalar %.4f); the search starts there", param, best,
              result.best.number, result.best.scalar)
+    if param in genes:
+        space = replace(space, genes={**genes, param: replace(genes[param], init=best)})
+    else:  # lambda, no gene: the scan tunes its fixed value
+        space = replace(space, fixed={**space.fixed, param: best})
     budget = int(cmd.run.budget) - points
-    return replace(cmd, space=replace(space, genes={**space.genes, "weight": replace(weight, init=best)}),
-                   run=replace(cmd.run, budget=budget), strategy=replace(cmd.strategy, budget=budget))
+    return replace(cmd, space=space, run=replace(cmd.run, budget=budget), strategy=replace(cmd.strategy, budget=budget))
 
 
 def run_first_stage(cmd: SearchCommand, scheduler_factory=None) -> SearchCommand:
