@@ -161,6 +161,8 @@ def test_a_per_layer_search_starts_from_the_best_global_scale(micro_zoo, tmp_pat
         assert first.scalar == pytest.approx(scan_best.scalar) and archive.best().scalar >= scan_best.scalar
     again = run_search(compose_command("search", overrides))  # resumed: nothing runs again
     assert again.already_done and again.evaluations == 27
+    more = run_search(compose_command("search", _paths(micro_zoo, run, "run.budget=40")))  # a larger budget
+    assert more.resumed and more.evaluations == 37  # the same scan (3 points, not 4) and start
     with Archive.open(run / "stages" / "scan") as scan:
         assert scan.count() == 3
     assert main(["report", str(run)]) == 0  # the scan is the report's baseline row

@@ -160,13 +160,13 @@ def test_resume_after_sigkill(micro_zoo, tmp_path):
     budget = 30
     run_dir = tmp_path / "killed"
     args = ["experiment=micro", f"models.zoo.out_dir={zoo_dir(micro_zoo)}", f"run.dir={run_dir}",
-            f"run.budget={budget}"]
+            f"run.budget={budget}", "space.scan=0"]  # no global-scale stage: the run alone
     trials = kill_and_resume(args, run_dir, budget, kill_after=5)
     assert "resuming at" in (run_dir / "search.log").read_text()
 
     # the interrupted run searched exactly as an uninterrupted one
     straight = run_search(compose_command("search", args[:2] + [f"run.dir={tmp_path / 'straight'}",
-                                                                 f"run.budget={budget}"]))
+                                                                 f"run.budget={budget}", "space.scan=0"]))
     reference = Archive.open(straight.run_dir).trials()
     assert [t.genome for t in trials] == [t.genome for t in reference]
     assert [t.scalar for t in trials] == [t.scalar for t in reference]

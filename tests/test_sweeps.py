@@ -39,8 +39,8 @@ def _sweep_command(zoo: Path, sweep: Path, budget: int, seeds: str, *extra: str)
             f"seed={seeds}", f"run.budget={budget}", "run.dashboard=false", f"hydra.sweep.dir={sweep}", *extra]
 
 
-def _job_dir(sweep: Path, zoo: Path, seed: int) -> Path:
-    return sweep / job_dir_name(["experiment=micro", f"models.zoo.out_dir={zoo}", f"seed={seed}"])
+def _job_dir(sweep: Path, zoo: Path, seed: int, *extra: str) -> Path:
+    return sweep / job_dir_name(["experiment=micro", f"models.zoo.out_dir={zoo}", f"seed={seed}", *extra])
 
 
 def _check_archive(run: Path, budget: int) -> None:
@@ -74,8 +74,8 @@ def test_local_sweep_and_its_report(micro_zoo, tmp_path, capsys):
 
 def test_killed_sweep_relaunched_resumes_and_skips_finished(micro_zoo, tmp_path):
     zoo, sweep, budget = Path(micro_zoo["task_dir"]).parent, tmp_path / "sweep", 40
-    cmd = _sweep_command(zoo, sweep, budget, "0,1")
-    second = _job_dir(sweep, zoo, 1) / "search.log"
+    cmd = _sweep_command(zoo, sweep, budget, "0,1", "space.scan=0")  # the runs alone, no scan stage
+    second = _job_dir(sweep, zoo, 1, "space.scan=0") / "search.log"
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -94,11 +94,11 @@ def test_killed_sweep_relaunched_resumes_and_skips_finished(micro_zoo, tmp_path)
 
     again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    first_log = (_job_dir(sweep, zoo, 0) / "search.log").read_text()
+    first_log = (_job_dir(sweep, zoo, 0, "space.scan=0") / "search.log").read_text()
     assert "reached its budget" in first_log.split("starting run")[-1] or "already reached" in again.stdout
     assert f"resuming at {killed_at} of {budget}" in second.read_text() or "resuming at" in second.read_text()
     for seed in range(2):
-        _check_archive(_job_dir(sweep, zoo, seed), budget)
+        _check_archive(_job_dir(sweep, zoo, seed, "space.scan=0"), budget)
 
 
 def test_submitit_local_launcher(micro_zoo, tmp_path):

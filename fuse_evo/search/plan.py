@@ -164,8 +164,9 @@ def make_plan(cmd: SearchCommand, run_id: str, cluster: ClusterConfig, stored: d
         evaluator = replace(evaluator, include_path=[models.task_dir])
     if not evaluator.tasks:
         raise ConfigError("evaluator.tasks: name the lm-eval tasks that score a candidate")
-    if not evaluator.objectives:  # each task's primary metric, equally weighted
-        evaluator = replace(evaluator, objectives=[ObjectiveConfig(**o) for o in task_objectives(evaluator)])
+    if not any(_field(o, "metric") for o in evaluator.objectives):  # each task's primary metric, equally weighted
+        evaluator = replace(evaluator, objectives=[*(ObjectiveConfig(**o) for o in task_objectives(evaluator)),
+                                                   *evaluator.objectives])
     objectives = Objectives(evaluator.objectives, prefix="evaluator.objectives")
     n_obj = cmd.strategy.num_objectives
     if n_obj not in (None, 1, len(objectives)):
@@ -188,6 +189,10 @@ def make_plan(cmd: SearchCommand, run_id: str, cluster: ClusterConfig, stored: d
     reference = [o.default_reference for o in objectives]
     losses = None if None in reference else objectives.losses(dict(zip(objectives.names, reference)))
     return Plan(cmd, models, space, objectives, worker, strategy_cfg, losses, memory)
+
+
+def _field(cfg: Any, key: str) -> Any:
+    return cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
 
 
 def task_objectives(evaluator: Any) -> list[dict[str, Any]]:

@@ -40,6 +40,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..config import GeneConfig, SearchCommand, compose
 from ..errors import ConfigError, FuseEvoError
 from ..files import atomic_write
@@ -469,6 +471,12 @@ def run_scan_stage(cmd: SearchCommand, scheduler_factory=None) -> SearchCommand:
     param, points = scan_plan(cmd)
     if not points:
         return cmd
+    stage_dir = Path(cmd.run.dir).expanduser().resolve() / STAGES_DIR / SCAN_STAGE
+    if (stage_dir / CONFIG_FILE).exists() and not cmd.run.overwrite:  # a resume (maybe to another budget): its scan
+        try:
+            points = int(yaml.safe_load((stage_dir / CONFIG_FILE).read_text())["run"]["budget"])
+        except (yaml.YAMLError, KeyError, TypeError, ValueError):
+            pass  # unreadable: the stage's own start refuses it, naming the file
     space = cmd.space
     genes = dict(space.genes)
     fixed = {**space.fixed, **{p: g.init for p, g in genes.items() if p != param and g.init is not None}}
@@ -478,7 +486,6 @@ def run_scan_stage(cmd: SearchCommand, scheduler_factory=None) -> SearchCommand:
         fixed["weight"] = 1.0
         lam = genes.get("lambda")
         scanned = GeneConfig(*LAMBDA_SCAN) if lam is None else replace(lam, scope="global")
-    stage_dir = Path(cmd.run.dir).expanduser().resolve() / STAGES_DIR / SCAN_STAGE
     stage = replace(
         cmd, name=f"{cmd.name}_scan",
         space=replace(space, genes={param: scanned}, fixed=fixed, scan=0),
