@@ -29,7 +29,6 @@ ELSEWHERE = {
     "search.worker": "test_search_ray_scheduler.py",
     "results.compare": "test_search_multiobjective.py",
     "results.heldout": "test_results_export.py",
-    "results.plots": "test_search_multiobjective.py",  # the figures open as images
     "results.report": "test_results_export.py",
     "zoo.scoring": "test_zoo_data.py",
     "zoo.skills": "test_zoo_data.py",
@@ -67,7 +66,7 @@ def test_every_module_with_behaviour_has_its_test_file():
 def test_the_import_contracts_hold():
     """pyproject.toml's [tool.importlinter] contracts: the flow's layers, no circles, and one
     home per third-party dependency (ray, lm_eval, nevergrad, optuna, hydra, matplotlib,
-    sqlalchemy)."""
+    sqlalchemy, gguf)."""
     exe = shutil.which("lint-imports") or str(Path(sys.executable).with_name("lint-imports"))
     if not Path(exe).exists():
         pytest.fail("lint-imports is not installed: pip install -e '.[test]'")
