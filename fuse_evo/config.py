@@ -146,7 +146,6 @@ def check_limits(cfg: EvaluatorConfig, prefix: str = "evaluator") -> None:
             raise ConfigError(f"{key}: must be > 0 (documents per task, or a fraction of them below 1), got {value}")
 
 
-
 def check_heldout(cfg: EvaluatorConfig, prefix: str = "evaluator") -> None:
     """``heldout_tasks`` maps search tasks to other tasks; ``split.search_fraction`` is in (0, 1)
     and not given beside fixed sample ids of the same task."""
@@ -238,10 +237,11 @@ class SpaceConfig:
     granularity: GranularityConfig = field(default_factory=GranularityConfig)
     seed: int = 0  # the seed of stochastic methods (DARE, DELLA) in every decoded recipe
     dataflow: Optional[DataFlowSpaceConfig] = None  # with method: dataflow, the layer-path space
-    # a per-layer search first scans one global scale of its weight gene (every weight equal,
-    # the other genes at their start) at this many grid points, at most a tenth of run.budget
-    # and only when that is 3 or more, into RUN_DIR/stages/scan; the search then starts from
-    # the best scale found. 0, or an explicit space.genes.weight.init: no scan.
+    # a per-layer search first scans one global scale (every weight equal, or lambda where
+    # normalize cancels a common weight; the other genes at their start) at this many grid
+    # points, at most a tenth of run.budget and only when that is 3 or more, into
+    # RUN_DIR/stages/scan; the search then starts from the best scale found (search/run.py,
+    # scan_plan). 0, or an explicit space.genes.weight.init: no scan.
     scan: int = 8
 
 

@@ -8,6 +8,7 @@ old file or the new one, never half of one. Model folders have their own atomic 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,15 @@ from typing import Any
 import yaml
 
 from .errors import FuseEvoError
+
+
+def file_sha256(path: str | Path) -> str:
+    """A file's SHA-256 (hex), read in 1 MiB blocks: the checksums the zoo's caches record."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write(path: str | Path, data: bytes | str, fsync: bool = True) -> None:

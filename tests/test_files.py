@@ -27,3 +27,13 @@ def test_read_yaml_mapping_names_the_file_at_fault(tmp_path, text, message):
         read_yaml_mapping(tmp_path / "missing.yaml", "merge config")
     (tmp_path / "ok.yaml").write_text("sources: {}\nrecipe: {}\n")
     assert read_yaml_mapping(tmp_path / "ok.yaml", "x") == {"sources": {}, "recipe": {}}
+
+
+def test_file_sha256_reads_in_blocks_and_equals_hashlib(tmp_path):
+    import hashlib
+
+    from fuse_evo.files import file_sha256
+
+    data = bytes(range(256)) * 5000  # over one 1 MiB block
+    (tmp_path / "f").write_bytes(data)
+    assert file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()

@@ -200,14 +200,15 @@ class DocumentSplit:
         return [int(i) for i in (order[:k] if self.side == "search" else order[k:])]
 
 
-def search_split(cfg: Any, side: str = "search") -> DocumentSplit | None:
-    """An ``EvaluatorConfig``'s split (``split.search_fraction``) over the tasks that
-    ``heldout_tasks`` does not map, on ``side``; None without one."""
+def search_split(cfg: Any) -> DocumentSplit | None:
+    """The search side of an ``EvaluatorConfig``'s split (``split.search_fraction``) over the
+    tasks that ``heldout_tasks`` does not map; None without one. (Its held-out side is built
+    from the archived config, ``results.heldout``.)"""
     fraction = cfg.split.search_fraction
     if fraction is None:
         return None
     tasks = tuple(t for t in cfg.tasks if t not in cfg.heldout_tasks)
-    return DocumentSplit(float(fraction), int(cfg.split.seed), side, tasks) if tasks else None
+    return DocumentSplit(float(fraction), int(cfg.split.seed), "search", tasks) if tasks else None
 
 
 def _task_file(manager: TaskManager, name: str) -> str:

@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from ..config import ZooConfig
 from ..errors import ConfigError, FuseEvoError
-from ..files import atomic_write
+from ..files import atomic_write, file_sha256
 from ..merge.methods import linear, task_arithmetic
 from .scoring import greedy_exact_match
 from .skills import SKILLS, Example, eval_splits
@@ -98,13 +98,6 @@ def prepare_out_dir(out: Path) -> None:
         )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def load_cached(out: Path, key: str) -> tuple[dict[str, Any] | None, str | None]:
     """The manifest of an intact build of ``key`` in ``out``, else (None, why it is unusable)."""
@@ -121,7 +114,7 @@ def load_cached(out: Path, key: str) -> tuple[dict[str, Any] | None, str | None]
         path = out / rel
         if not path.exists():
             return None, f"{rel} is missing"
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             return None, f"{rel} is corrupted (checksum mismatch)"
     if Path(manifest.get("task_dir", "")) != (out / "tasks").resolve():
         # task YAMLs hold absolute data paths (lm-eval needs them): a moved zoo is rebuilt
@@ -314,10 +307,10 @@ def _build(cfg: ZooConfig, out: Path, key: str, progress: bool) -> dict[str, Any
             "train_steps": steps[name],
         }
         for f in CHECKED_FILES:
-            checksums[f"models/{name}/{f}"] = _sha256(path / f)
+            checksums[f"models/{name}/{f}"] = file_sha256(path / f)
     for f in sorted(task_dir.rglob("*")):
         if f.is_file():
-            checksums[str(f.relative_to(out))] = _sha256(f)
+            checksums[str(f.relative_to(out))] = file_sha256(f)
     manifest["uniform_merges"] = b.uniform_merges(
         base, [models[specialist_name(s)] for s in cfg.skills]
     )

