@@ -50,10 +50,6 @@ class HeldOut:
     split: dict[str, Any] | None = None
     label: str = "held-out"
 
-    @property
-    def is_heldout(self) -> bool:
-        return self.label == "held-out"
-
     def to_dict(self) -> dict[str, Any]:
         return {"tasks": self.tasks, "include_path": self.include_path, "limit": self.limit,
                 "limits": self.limits, "num_fewshot": self.num_fewshot, "batch_size": self.batch_size,

