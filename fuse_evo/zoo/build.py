@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -35,6 +35,7 @@ from .train import MixtureBatches, new_model, train
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3  # 3: multiple-choice tasks
+SMOL_FORMAT_VERSION = 2  # 2: generation targets kept as text (no ISO date column read as timestamps)
 MARKER = ".fuse_evo_zoo"  # marks a directory this module owns and may rebuild
 BASE = "base"
 CHECKED_FILES = ("model.safetensors", "config.json", "tokenizer.json")
@@ -47,17 +48,34 @@ def specialist_name(skill: str) -> str:
 def config_key(cfg: ZooConfig) -> str:
     fields = dataclasses.asdict(cfg)
     fields.pop("out_dir")
+    if cfg.kind == "scratch":  # the fields a scratch build ignores: its caches stay valid
+        for smol_only in ("kind", "gguf", "lora_rank", "lora_alpha"):
+            fields.pop(smol_only)
+    else:
+        fields["smol_format_version"] = SMOL_FORMAT_VERSION
     fields["format_version"] = FORMAT_VERSION
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def validate(cfg: ZooConfig) -> None:
     """Reject a config that cannot build, naming the key, before any training."""
+    if cfg.kind not in OWN_SKILL_BAR:
+        raise ConfigError(f"zoo.kind: {cfg.kind!r} is not one of {sorted(OWN_SKILL_BAR)}")
+    for key in ("n_search", "n_heldout", "batch_size", "finetune_max_steps", "finetune_check_every", "threads"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"zoo.{key} must be positive, got {getattr(cfg, key)}")
+    if not cfg.uniform_scales:
+        raise ConfigError("zoo.uniform_scales: give at least one scale")
+    if len(cfg.skills) < 2 or len(set(cfg.skills)) != len(cfg.skills):
+        raise ConfigError(f"zoo.skills: need at least two distinct skills, got {list(cfg.skills)}")
+    if cfg.kind == "smol":
+        from .smol import validate as validate_smol
+
+        validate_smol(cfg)
+        return
     unknown = [s for s in cfg.skills if s not in SKILLS]
     if unknown:
         raise ConfigError(f"zoo.skills: unknown skill(s) {unknown}; known: {sorted(SKILLS)}")
-    if len(cfg.skills) < 2 or len(set(cfg.skills)) != len(cfg.skills):
-        raise ConfigError(f"zoo.skills: need at least two distinct skills, got {list(cfg.skills)}")
     if cfg.generation_skill is not None and cfg.generation_skill not in cfg.skills:
         raise ConfigError(
             f"zoo.generation_skill: {cfg.generation_skill!r} is not one of zoo.skills {list(cfg.skills)}"
@@ -73,12 +91,10 @@ def validate(cfg: ZooConfig) -> None:
         raise ConfigError(
             f"zoo.hidden_size ({cfg.hidden_size}) must be divisible by zoo.num_heads ({cfg.num_heads})"
         )
-    for key in ("n_search", "n_heldout", "batch_size", "pretrain_max_steps", "finetune_max_steps",
-                "pretrain_check_every", "finetune_check_every", "threads", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+    for key in ("pretrain_max_steps", "pretrain_check_every", "hidden_size", "num_layers", "num_heads",
+                "intermediate_size"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"zoo.{key} must be positive, got {getattr(cfg, key)}")
-    if not cfg.uniform_scales:
-        raise ConfigError("zoo.uniform_scales: give at least one scale")
 
 
 def prepare_out_dir(out: Path) -> None:
@@ -137,10 +153,19 @@ def _mean(scores: dict[str, float]) -> float:
     return sum(scores.values()) / len(scores)
 
 
-class _Builder:
-    def __init__(self, cfg: ZooConfig, progress: bool):
+def _progress_bar(progress: bool):
+    def bar(desc: str, total: int) -> tqdm:
+        return tqdm(total=total, desc=desc, disable=not progress, leave=True, dynamic_ncols=True)
+    return bar
+
+
+class ScratchBuilder:
+    """The scratch zoo's parts: a character tokenizer, a base pretrained here until it is fair
+    at every skill, and full fine-tunes (``zoo/smol.py``'s builder has the same interface)."""
+
+    def __init__(self, cfg: ZooConfig, bar: Callable[[str, int], tqdm]):
         self.cfg = cfg
-        self.progress = progress
+        self._bar = bar
         self.tok = build_tokenizer()
         self.splits: dict[str, dict[str, list[Example]]] = {}
         for skill in cfg.skills:
@@ -148,16 +173,16 @@ class _Builder:
             self.splits[skill] = {"search": search, "heldout": heldout}
         self.excluded = {ex.prompt for s in self.splits.values() for exs in s.values() for ex in exs}
 
+    def write_tasks(self, task_dir: Path) -> dict[str, dict[str, str]]:
+        return write_tasks(task_dir, self.splits, self.cfg.generation_skill)
+
     def scores(self, model: LlamaForCausalLM, split: str) -> dict[str, float]:
         return {
             skill: round(greedy_exact_match(model, self.tok, self.splits[skill][split]), 4)
             for skill in self.cfg.skills
         }
 
-    def _bar(self, desc: str, total: int) -> tqdm:
-        return tqdm(total=total, desc=desc, disable=not self.progress, leave=True, dynamic_ncols=True)
-
-    def pretrain(self) -> tuple[LlamaForCausalLM, int]:
+    def base(self) -> tuple[LlamaForCausalLM, int]:
         cfg = self.cfg
         model = new_model(
             len(self.tok), self.tok, cfg.hidden_size, cfg.num_layers, cfg.num_heads,
@@ -198,51 +223,62 @@ class _Builder:
         bar.close()
         return model, steps
 
-    def uniform_merges(
-        self, base: LlamaForCausalLM, specialists: list[LlamaForCausalLM]
-    ) -> dict[str, Any]:
-        """Task arithmetic of all specialists at each global scale, and their plain average."""
-        base_sd = base.state_dict()
-        spec_sds = [m.state_dict() for m in specialists]
-        scratch = copy.deepcopy(base)
-        ones = [1.0] * len(spec_sds)
-        ta: dict[str, Any] = {}
-        for scale in self.cfg.uniform_scales:
-            merged = {k: task_arithmetic(v, [sd[k] for sd in spec_sds], ones, lambda_=scale)
-                      for k, v in base_sd.items()}
-            scratch.load_state_dict(merged)
-            s = self.scores(scratch, "heldout")
-            ta[f"{scale:g}"] = {"scores": s, "mean": round(_mean(s), 4)}
-        best_scale = max(ta, key=lambda k: ta[k]["mean"])
-        scratch.load_state_dict({k: linear([sd[k] for sd in spec_sds], ones) for k in base_sd})
-        avg = self.scores(scratch, "heldout")
-        return {
-            "task_arithmetic": {
-                "scales": ta,
-                "best_scale": float(best_scale),
-                "best": ta[best_scale],
-            },
-            "linear": {"scores": avg, "mean": round(_mean(avg), 4)},
-        }
+
+def uniform_merges(base: LlamaForCausalLM, specialists: list[LlamaForCausalLM], scales: list[float],
+                   scores: Callable[[LlamaForCausalLM, str], dict[str, float]]) -> dict[str, Any]:
+    """Task arithmetic of all specialists at each global scale, and their plain average, on
+    the held-out split."""
+    base_sd = base.state_dict()
+    spec_sds = [m.state_dict() for m in specialists]
+    scratch = copy.deepcopy(base)
+    ones = [1.0] * len(spec_sds)
+    ta: dict[str, Any] = {}
+    for scale in scales:
+        merged = {k: task_arithmetic(v, [sd[k] for sd in spec_sds], ones, lambda_=scale)
+                  for k, v in base_sd.items()}
+        scratch.load_state_dict(merged)
+        s = scores(scratch, "heldout")
+        ta[f"{scale:g}"] = {"scores": s, "mean": round(_mean(s), 4)}
+    best_scale = max(ta, key=lambda k: ta[k]["mean"])
+    scratch.load_state_dict({k: linear([sd[k] for sd in spec_sds], ones) for k in base_sd})
+    avg = scores(scratch, "heldout")
+    return {
+        "task_arithmetic": {
+            "scales": ta,
+            "best_scale": float(best_scale),
+            "best": ta[best_scale],
+        },
+        "linear": {"scores": avg, "mean": round(_mean(avg), 4)},
+    }
 
 
-def _summary(manifest: dict[str, Any], skills: list[str]) -> dict[str, Any]:
+# A specialist's bar on its own skill: 0.95 on the scratch zoo; 0.9 on the smol zoo, whose
+# word-list reversal a 135M model reaches 0.9-0.98 on in a gentle fine-tune, not 0.95 reliably.
+OWN_SKILL_BAR = {"scratch": 0.95, "smol": 0.9}
+
+
+def _summary(manifest: dict[str, Any], skills: list[str], own_bar: float) -> dict[str, Any]:
+    """The bars a zoo must pass. Headroom compares like with like: the specialists' own-skill
+    mean against the best uniform merge's mean over the same skills (a smol zoo's retention
+    task belongs to no specialist; the uniform merge is chosen by its mean over every task)."""
     models = manifest["models"]
     means = {name: _mean(m["scores"]) for name, m in models.items()}
     best_single = max(means, key=means.get)
     own = [models[specialist_name(s)]["scores"][s] for s in skills]
-    best_uniform = manifest["uniform_merges"]["task_arithmetic"]["best"]["mean"]
+    best = manifest["uniform_merges"]["task_arithmetic"]["best"]
+    best_on_skills = sum(best["scores"][s] for s in skills) / len(skills)
     own_mean = sum(own) / len(own)
     return {
         "best_single_model": best_single,
         "best_single_mean": round(means[best_single], 4),
-        "best_uniform_mean": best_uniform,
+        "best_uniform_mean": best["mean"],
+        "best_uniform_skills_mean": round(best_on_skills, 4),
         "specialists_own_skill_mean": round(own_mean, 4),
-        "headroom": round(own_mean - best_uniform, 4),
+        "headroom": round(own_mean - best_on_skills, 4),
         "bars": {
-            "every_specialist_ge_0.95_on_own_skill": min(own) >= 0.95,
-            "best_uniform_beats_every_single_model": best_uniform > means[best_single],
-            "headroom_ge_0.15": own_mean - best_uniform >= 0.15,
+            f"every_specialist_ge_{own_bar:g}_on_own_skill": min(own) >= own_bar,
+            "best_uniform_beats_every_single_model": best["mean"] > means[best_single],
+            "headroom_ge_0.15": own_mean - best_on_skills >= 0.15,
         },
     }
 
@@ -275,14 +311,19 @@ def build_zoo(cfg: ZooConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def _build(cfg: ZooConfig, out: Path, key: str, progress: bool) -> dict[str, Any]:
-    b = _Builder(cfg, progress)
-    task_dir = out / "tasks"
-    tasks = write_tasks(task_dir, b.splits, cfg.generation_skill)
+    if cfg.kind == "smol":
+        from .smol import SmolBuilder
 
-    base, pretrain_steps = b.pretrain()
-    log.info("base pretrained for %d steps", pretrain_steps)
+        b = SmolBuilder(cfg, out, _progress_bar(progress))
+    else:
+        b = ScratchBuilder(cfg, _progress_bar(progress))
+    task_dir = out / "tasks"
+    tasks = b.write_tasks(task_dir)
+
+    base, base_steps = b.base()
+    log.info("base: %d training steps", base_steps)
     models: dict[str, LlamaForCausalLM] = {BASE: base}
-    steps = {BASE: pretrain_steps}
+    steps = {BASE: base_steps}
     skill_of: dict[str, str | None] = {BASE: None}
     for i, skill in enumerate(cfg.skills):
         name = specialist_name(skill)
@@ -311,16 +352,17 @@ def _build(cfg: ZooConfig, out: Path, key: str, progress: bool) -> dict[str, Any
     for f in sorted(task_dir.rglob("*")):
         if f.is_file():
             checksums[str(f.relative_to(out))] = file_sha256(f)
-    manifest["uniform_merges"] = b.uniform_merges(
-        base, [models[specialist_name(s)] for s in cfg.skills]
+    manifest["uniform_merges"] = uniform_merges(
+        base, [models[specialist_name(s)] for s in cfg.skills], list(cfg.uniform_scales), b.scores
     )
-    manifest["summary"] = _summary(manifest, list(cfg.skills))
+    manifest["summary"] = _summary(manifest, list(cfg.skills), OWN_SKILL_BAR[cfg.kind])
     manifest.update(
         config_key=key,
         config=dataclasses.asdict(cfg),
         parameters=sum(p.numel() for p in base.parameters()),
         split="heldout",
-        metric="exact match (greedy, as lm-eval loglikelihood acc)",
+        metric=("exact match (greedy, as lm-eval loglikelihood acc); retention: multiple-choice acc"
+                if cfg.kind == "smol" else "exact match (greedy, as lm-eval loglikelihood acc)"),
         checksums=checksums,
     )
     atomic_write(out / "zoo.json", json.dumps(manifest, indent=2))
@@ -352,7 +394,8 @@ def score_table(manifest: dict[str, Any]) -> str:
         f"best single model: {s['best_single_model']} ({s['best_single_mean']:.3f}); "
         f"best uniform merge: task_arithmetic x{merges['task_arithmetic']['best_scale']:g} "
         f"({s['best_uniform_mean']:.3f}); specialists on their own skill: "
-        f"{s['specialists_own_skill_mean']:.3f} (headroom {s['headroom']:.3f})",
+        f"{s['specialists_own_skill_mean']:.3f} (headroom {s['headroom']:.3f} over the merge's "
+        f"{s.get('best_uniform_skills_mean', s['best_uniform_mean']):.3f} on the same skills)",
         "bars: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in s["bars"].items()),
     ]
     return "\n".join(lines)

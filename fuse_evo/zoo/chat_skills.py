@@ -95,6 +95,11 @@ def dates(rng: random.Random) -> tuple[str, str]:
 CHAT_SKILLS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "extraction": extraction, "transform": transform, "dates": dates,
 }
+# Each skill's answer as its generation task extracts it from the generated text (as gsm8k's
+# "#### N" pattern does): a model that wraps a right answer in a sentence still scores.
+ANSWER_PATTERNS = {"extraction": r"name=[A-Za-z]+; city=[A-Za-z]+", "transform": r"[a-z]+(?: [a-z]+)*",
+                   "dates": r"\d{4}-\d{2}-\d{2}"}
+GENERATION_FILTER = "extract"
 RETENTION = "retention"
 
 
@@ -152,7 +157,8 @@ def write_chat_tasks(task_dir: Path, splits: dict[str, dict[str, list[ChatExampl
     """JSONL data and lm-eval task YAMLs (absolute data paths, as lm-eval needs) for every
     skill and split: loglikelihood exact match (``acc``) for the skills, multiple choice for
     retention, and for the skills in ``generation`` also a greedy ``generate_until`` held-out
-    task scored by exact match of the generated text (stopped at the turn's end). Returns
+    task scored by exact match of the answer extracted from the generated text (stopped at
+    the turn's end) by the skill's ``ANSWER_PATTERNS`` entry. Returns
     ``{skill: {split: task name}}``."""
     data_dir = task_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +169,9 @@ def write_chat_tasks(task_dir: Path, splits: dict[str, dict[str, list[ChatExampl
             data = (data_dir / f"{skill}_{split}.jsonl").resolve()
             with data.open("w") as f:
                 for i, d in enumerate(docs):
-                    f.write(json.dumps({"id": i, "prompt": d.prompt, "answer": d.answer, "target": "\n" + d.answer,
+                    # no bare answer column: datasets' JSON reader turns a column of ISO dates
+                    # into timestamps ("2015-06-27 00:00:00"); the target's newline keeps it text
+                    f.write(json.dumps({"id": i, "prompt": d.prompt, "target": "\n" + d.answer,
                                         "choices": ["\n" + c for c in d.choices], "gold": d.gold}) + "\n")
             head = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
                     'test_split: test\ndoc_to_text: "{{prompt}}"\ntarget_delimiter: ""\n')
@@ -178,9 +186,12 @@ def write_chat_tasks(task_dir: Path, splits: dict[str, dict[str, list[ChatExampl
             names[skill][split] = name
             if skill in generation and split == "heldout":
                 gen = chat_task_name(skill, split, generate=True)
-                body = ('output_type: generate_until\ndoc_to_target: "{{answer}}"\ngeneration_kwargs:\n'
+                body = ('output_type: generate_until\ndoc_to_target: "{{target}}"\ngeneration_kwargs:\n'
                         '  until: ["<|im_end|>"]\n  max_gen_toks: 24\n  do_sample: false\n'
-                        + metric.format(m="exact_match") + '    regexes_to_ignore: ["\\n"]\n')
+                        + metric.format(m="exact_match") + '    regexes_to_ignore: ["\\n"]\n'
+                        + f"filter_list:\n  - name: {GENERATION_FILTER}\n    filter:\n"
+                        f"      - function: regex\n        regex_pattern: {json.dumps(ANSWER_PATTERNS[skill])}\n"
+                        "      - function: take_first\n")
                 (task_dir / f"{gen}.yaml").write_text(f"task: {gen}\n{head}{body}metadata:\n  version: 1.0\n")
                 names[skill]["gen_heldout"] = gen
     return names

@@ -63,6 +63,7 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
         import gguf as _gguf  # noqa: F401  (transformers' GGUF reader needs it)
     except ImportError:
         raise FuseEvoError("reading GGUF files needs the gguf package: pip install gguf") from None
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -71,7 +72,8 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
         raise FuseEvoError(f"{gguf}: transformers cannot load it ({type(e).__name__}: {str(e).splitlines()[0]})") \
             from None
     finally:
-        hf_logging.enable_progress_bar()
+        if bars:
+            hf_logging.enable_progress_bar()
     config = loaded.config.to_dict()
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)
