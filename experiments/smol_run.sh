@@ -8,6 +8,8 @@ fuse-evo zoo zoo=smol zoo.out_dir=runs/zoo-smol
 fuse-evo search experiment=smol_quickstart
 fuse-evo search experiment=smol_uniform
 fuse-evo search experiment=smol_uniform space=ties_uniform run.dir=runs/smol_uniform_ties
+fuse-evo search experiment=smol_uniform space=dare_grid run.dir=runs/smol_uniform_dare
+fuse-evo export runs/smol_uniform_dare --pick best --out runs/smol_uniform_dare-best --overwrite  # its held-out row
 fuse-evo search experiment=smol_ties
 fuse-evo search experiment=smol_ties space=dare_ties run.dir=runs/smol_dare_ties
 fuse-evo report runs/smol_quickstart --baseline runs/smol_uniform --baseline runs/smol_uniform_ties \

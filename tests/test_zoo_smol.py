@@ -124,3 +124,8 @@ def test_a_miniature_smol_build_is_a_zoo_of_full_weight_llamas_and_is_reused(smo
     with caplog.at_level("INFO"):
         assert build_zoo(cfg, progress=False) == manifest
     assert "reusing the zoo" in caplog.text
+    # deterministic: another folder, the same config, the same weights and scores
+    again = build_zoo(dataclasses.replace(cfg, out_dir=str(tmp_path / "again")), progress=False)
+    assert again["models"]["ft_dates"]["scores"] == manifest["models"]["ft_dates"]["scores"]
+    assert all(again["checksums"][f"models/{name}/model.safetensors"] == manifest["checksums"][f"models/{name}/model.safetensors"]
+               for name in manifest["models"])

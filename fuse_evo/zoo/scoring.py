@@ -1,10 +1,12 @@
-"""Exact-match accuracy the way lm-eval's loglikelihood ``acc`` computes it, in one batched pass.
+"""Accuracies the way lm-eval computes them, in batched passes: loglikelihood ``acc`` (exact
+match) and multiple-choice ``acc``.
 
-lm-eval encodes ``context + continuation`` whole, splits it at the length of the encoded
-context, and counts a document as correct when the greedy (argmax) token equals the target at
-every continuation position. The zoo builder needs that number dozens of times (every model,
-every uniform merge), so it computes it directly; a test checks it equals
-``lm_eval.simple_evaluate`` on the generated task files.
+lm-eval encodes ``context + continuation`` whole and splits it at the length of the encoded
+context; a loglikelihood document is correct when the greedy (argmax) token equals the target
+at every continuation position, a multiple-choice one when its gold choice has the highest
+summed log-likelihood. The zoo builder needs these numbers dozens of times (every model, every
+uniform merge), so it computes them directly; tests check they equal lm-eval's on the
+generated task files.
 """
 
 from __future__ import annotations
@@ -60,12 +62,12 @@ def choice_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     if not examples:
         raise ValueError("no examples to score")
     model.eval()
-    pairs = [(i, ex.prompt, "\n" + c) for i, ex in enumerate(examples) for c in ex.choices]
+    pairs = [(ex.prompt, "\n" + c) for ex in examples for c in ex.choices]
     totals: list[float] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        whole = [tokenizer(p + c)["input_ids"] for _, p, c in chunk]
-        ctx_lens = [len(tokenizer(p)["input_ids"]) for _, p, _ in chunk]
+        whole = [tokenizer(p + c)["input_ids"] for p, c in chunk]
+        ctx_lens = [len(tokenizer(p)["input_ids"]) for p, _ in chunk]
         logprobs = _logits(model, tokenizer, whole).float().log_softmax(-1)
         for row, (ids, ctx) in enumerate(zip(whole, ctx_lens)):
             target = torch.tensor(ids[ctx:])
