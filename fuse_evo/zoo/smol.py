@@ -28,12 +28,12 @@ from ..errors import ConfigError
 from .chat_skills import CHAT_SKILLS, RETENTION, ChatExample, chat_splits, training_examples, write_chat_tasks
 from .gguf import convert_gguf, smollm2_gguf
 from .scoring import choice_accuracy, greedy_exact_match
+from .train import IGNORE
 
 log = logging.getLogger(__name__)
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 END_OF_TURN = "<|im_end|>"
-IGNORE = -100
 
 
 def validate(cfg: ZooConfig) -> None:
