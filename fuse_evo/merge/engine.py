@@ -276,13 +276,14 @@ class MergeEngine:
                 args["cutoffs"] = vec(cutoffs, dtype=torch.int32)
         base, sources = self._base(name), [self.source(m, name) for m in models]
         if rescale in ("l1", "l2", "linf"):
-            args["norms"] = torch.stack([self._norm(m, name, rescale) for m in models])
+            norms = torch.stack([self._norm(m, name, rescale) for m in models])
             kept = self._kept_norms(models, name, keys, rescale) if "cutoffs" in args else None
             if kept:  # DARE's masked norms without a pass over the tensor
-                args["after"] = vec([table.norm(cutoff) for table, cutoff in zip(kept, cutoffs)])
+                after = vec([table.norm(cutoff) for table, cutoff in zip(kept, cutoffs)])
             else:
                 mask = {k: args.get(k) for k in ("density", "low", "high", "keys", "epsilon", "rank_norms", "cutoffs")}
-                args["after"] = _fused(ops.masked_norm)(base, sources, **mask, kind=rescale)
+                after = _fused(ops.masked_norm)(base, sources, **mask, kind=rescale)
+            args["factors"] = ops.rescale_factors(norms, after)  # out of the kernel's loop
         return _writer(ops.gta_fused)(out, base, sources, **args)
 
     def _magnitude_bounds(self, model: str, name: str, density: float, gamma: float | None) -> tuple[float, float]:

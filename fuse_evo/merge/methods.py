@@ -117,18 +117,24 @@ def hash_bits(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     mask, so eager torch and a compiled kernel compute the same bits. ``index`` may be int64 for
     tensors of 2**31 elements or more: the high half is folded in, and indices below 2**31 give
     the same draws as with int32.
+
+    The hash's first step (xor the key in, then xor-shift) is linear over GF(2), so it is done
+    on the index and on the key apart (:func:`_premix`): a kernel drawing several sources' masks
+    mixes each element's index once and each key once, and the bits are the same.
     """
-    if index.dtype == torch.int64:
-        x = index ^ (key.long() & 0xFFFFFFFF)
-        x = ((x ^ (x >> 32)) & 0xFFFFFFFF).to(torch.int32)
-    else:
-        x = index ^ key
-    x = x ^ ((x >> 16) & 0xFFFF)
+    x = _premix(index) ^ _premix(key.to(torch.int32))
     x = x * _HASH_M1
     x = x ^ ((x >> 15) & 0x1FFFF)
     x = x * _HASH_M2
     x = x ^ ((x >> 16) & 0xFFFF)
     return (x >> 8) & 0xFFFFFF
+
+
+def _premix(x: torch.Tensor) -> torch.Tensor:
+    """The hash's linear first step on int32 ``x`` (int64: its high half folded into the low)."""
+    if x.dtype == torch.int64:
+        x = ((x ^ (x >> 32)) & 0xFFFFFFFF).to(torch.int32)
+    return x ^ ((x >> 16) & 0xFFFF)
 
 
 def hash_uniform(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -428,8 +434,7 @@ def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: Rescale, keep_pr
         before, after = delta.norm(), masked.norm()
     else:
         before, after = delta.abs().max(), masked.abs().max()
-    tiny = (before < _NORM_EPS) | (after < _NORM_EPS)
-    return masked * torch.where(tiny, torch.ones_like(before), before / after)
+    return masked * rescale_factors(before, after)
 
 
 def sparsify_magnitude(
@@ -641,6 +646,7 @@ def gta_fused(
     normalize: bool = True,
     lambda_: float = 1.0,
     cutoffs: Optional[torch.Tensor] = None,
+    factors: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Every sparsify-then-combine method (mergekit's GTA family) over the sources in their own
     dtype, written so a compiler makes it one elementwise pass: each task vector
@@ -653,7 +659,11 @@ def gta_fused(
     p = density - epsilon + 2 epsilon rank; ``cutoffs``: the same masks for scalar p as
     integer compares, :func:`random_cutoff`). ``rescale``: None, "l1", "l2", "linf" (``norms``:
     each task vector's norm before masking; ``after``: after masking, from :func:`masked_norm`,
-    computed here when not given) or "keep_prob" (divide by p). ``consensus``: "sum", "count"
+    computed here when not given) or "keep_prob" (divide by p); ``factors``: the l1/l2/linf
+    rescale's per-source multipliers already computed (:func:`rescale_factors` of ``norms``
+    and ``after``), which a caller that knows ``after`` should pass: a scalar expression in a
+    compiled loop is evaluated again for every vector of elements, which made DARE's kernel
+    a third slower. ``consensus``: "sum", "count"
     or None (plain weighted sum; ``normalize`` then divides by sum w). fp32 out.
 
     The sources are unrolled (N is small and fixed per pool): every per-source value is then a
@@ -666,12 +676,13 @@ def gta_fused(
         masked, p = _masked_row(x.reshape(-1).float() - base32, i, density, low, high, keys, epsilon, rank_norms,
                                 cutoffs)
         scale = weights[i]
-        if rescale == "keep_prob":
+        if factors is not None:
+            scale = scale * factors[i]
+        elif rescale == "keep_prob":
             masked = masked / p
         elif rescale is not None and norms is not None:
             a = _norm(masked, rescale) if after is None else after[i]
-            tiny = (norms[i] < _NORM_EPS) | (a < _NORM_EPS)
-            scale = scale * torch.where(tiny, 1.0, norms[i] / a)
+            scale = scale * rescale_factors(norms[i], a)
         kept.append(masked * scale)
     if consensus is None:
         merged = sum(kept[1:], kept[0])
@@ -688,6 +699,13 @@ def gta_fused(
                           torch.where(agree[0], weights[0], 0.0))
             merged = merged / torch.where(divisor == 0, 1.0, divisor)
     return (base32 + lambda_ * merged).view(base.shape)
+
+
+def rescale_factors(norms: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """mergekit's rescale of a masked task vector: its norm before masking over its norm
+    after, or 1 where either is below mergekit's epsilon (elementwise over sources)."""
+    tiny = (norms < _NORM_EPS) | (after < _NORM_EPS)
+    return torch.where(tiny, 1.0, norms / after)
 
 
 def task_vector_norms(base: torch.Tensor, sources: Sequence[torch.Tensor], kind: str) -> torch.Tensor:
@@ -957,6 +975,7 @@ __all__ = [
     "combine_task_vectors",
     "gta_fused",
     "task_vector_norms",
+    "rescale_factors",
     "masked_norm",
     "MagnitudeHistogram",
     "magnitude_counts",
