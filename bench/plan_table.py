@@ -2,7 +2,8 @@
 
 Computed by the plan every search prints at its start (``fuse_evo.merge.placement``), for
 layouts made from the shapes (no files): a TIES space (magnitude histograms), a bf16 live
-model, the evaluator at batch 8 x 2048 tokens, 8 workers on a node of ``--host-gb`` host
+model, the evaluator at batch 8 x 2048 tokens (vocabulary logits at 64 scored positions
+per row: the evaluator asks the model for those only), 8 workers on a node of ``--host-gb`` host
 memory. ``fuse-evo plan models=paths ... plan.gpu_memory_gb=80`` gives the same numbers for
 real model folders.
 
@@ -35,6 +36,7 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--sequence", type=int, default=2048)
+    p.add_argument("--scored", type=int, default=64, help="positions per row with vocabulary logits")
     args = p.parse_args()
     gpus = (80, 141)
     print("| model | sources | sources + base | " + " | ".join(
@@ -49,7 +51,7 @@ def main() -> int:
                 machine = Machine(int(g * 1e9), int(args.host_gb * 1e9), args.workers)
                 try:
                     plan = memory_plan(base, sources, machine, batch_size=args.batch,
-                                       sequence_length=args.sequence)
+                                       sequence_length=args.sequence, scored_tokens=args.scored)
                     chosen = plan.chosen
                     needs = plan.needs
                 except PlacementError:

@@ -376,12 +376,16 @@ class PlanConfig:
     """The node a search's memory plan is made for (``fuse-evo plan`` prints it and exits):
     null fields mean this machine (its first GPU's free memory, its physical memory, the
     cluster's workers). ``sequence_length``: the longest request the evaluator scores, for
-    its activations estimate (with ``evaluator.batch_size``)."""
+    its activations estimate (with ``evaluator.batch_size``); ``scored_tokens``: the
+    positions per batch row whose vocabulary logits a forward computes (the batch's
+    continuation tokens for loglikelihood, one for generation; never more than
+    ``sequence_length``)."""
 
     gpu_memory_gb: Optional[float] = None
     host_memory_gb: Optional[float] = None
     workers_per_node: Optional[int] = None
     sequence_length: int = 2048
+    scored_tokens: int = 64
 
 
 @dataclass

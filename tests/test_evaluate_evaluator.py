@@ -98,6 +98,31 @@ def test_equals_simple_evaluate_on_all_three_task_kinds(micro_zoo):
     assert scores.report["n-samples"] == ref["n-samples"]
 
 
+def test_loglikelihood_computes_the_vocabulary_logits_at_scored_positions_only(micro_zoo):
+    """[batch, length, vocab] logits are most of a forward pass's memory at LLM size: the
+    evaluator asks the model for the continuations' positions only, and the log-likelihoods
+    stay HFLM's very floats (the parity tests) for far fewer logits."""
+    model, tok = _load(micro_zoo, "base")
+    tasks = _tasks(micro_zoo)
+    names = [tasks["loglikelihood"], tasks["multiple_choice"]]
+    shapes = []
+    handle = model.register_forward_hook(
+        lambda module, args, kwargs, out: shapes.append((kwargs.get("input_ids", args[0] if args else None).shape,
+                                                         tuple(out.logits.shape))), with_kwargs=True)
+    try:
+        ev = Evaluator(model, tok, names, include_path=micro_zoo["task_dir"], limit=30)
+        scores = ev.score()
+    finally:
+        handle.remove()
+    assert shapes
+    computed = sum(b * k for _, (b, k, _) in shapes)
+    padded = sum(b * p for (b, p), _ in shapes)
+    assert computed < 0.6 * padded, (computed, padded)  # 1112 of 2590 here: the batch's union of positions
+    ref = _reference(model, tok, micro_zoo, names, limit=30)
+    assert _metrics(scores.results) == _metrics(ref["results"])
+    _assert_same_responses(ev, ref)
+
+
 def test_fewshot_and_fixed_samples_equal_simple_evaluate(micro_zoo):
     model, tok = _load(micro_zoo, "ft_reverse")
     tasks = _tasks(micro_zoo)

@@ -54,8 +54,8 @@ def test_the_layout_of_a_model_comes_from_its_headers(micro_zoo, tmp_path):
 
 
 def test_the_fastest_placement_that_fits_is_chosen():
-    shape = (4096, 32, 11008, 32000, 32, 32)  # Llama-2-7B
-    base, sources = llama_shape("b", *shape), [llama_shape(f"s{i}", *shape) for i in range(3)]
+    shape = (4096, 32, 11008, 32000, 32, 32)  # Llama-2-7B x 4 sources: 85 GB on the GPU when resident
+    base, sources = llama_shape("b", *shape), [llama_shape(f"s{i}", *shape) for i in range(4)]
     assert base.parameters == pytest.approx(6.74e9, rel=0.01)
     plans = {gpu: memory_plan(base, sources, Machine(gpu * GB, 512 * GB), batch_size=8, sequence_length=2048)
              for gpu in (141, 80, 20)}
@@ -73,6 +73,21 @@ def test_the_fastest_placement_that_fits_is_chosen():
     need = cpu8.needs["cpu"]
     assert cpu8.chosen == "cpu" and need.host(8) == resident + 8 * need.host_per_worker
     assert need.host_per_worker < resident / 2  # a worker's own: its live model, tables, activations
+
+
+def test_the_logits_estimate_covers_the_scored_positions_only():
+    """The evaluator computes vocabulary logits at the scored positions only: the plan's
+    activations grow with ``scored_tokens`` x vocabulary, with ``sequence_length`` only
+    through the hidden states."""
+    shape = (4096, 32, 14336, 128256, 32, 8)  # Llama-3-8B: a 128256-token vocabulary
+    base, sources = llama_shape("b", *shape), [llama_shape(f"s{i}", *shape) for i in range(2)]
+    act = {k: memory_plan(base, sources, Machine(None, 512 * GB), batch_size=8, sequence_length=2048,
+                          scored_tokens=k).parts["activations"] for k in (1, 64, 2048, 4096)}
+    assert act[64] - act[1] == 8 * 63 * 4 * 128256
+    assert act[4096] == act[2048]  # never more positions than the longest request has
+    hidden = 8 * 2048 * (4 * 4096 + 3 * 14336) * 2  # bf16 hidden states and MLP of one layer
+    assert act[2048] - hidden == 8 * 2048 * 4 * 128256  # the old estimate: every position's logits
+    assert act[64] < act[2048] / 4
 
 
 def test_a_plan_that_fits_nowhere_names_the_bytes():

@@ -618,11 +618,12 @@ def _memoize_doc_fields(task, docs: list[Any]) -> None:
 class _LLBatch:
     inputs: torch.Tensor  # [B, P] right-padded token ids (HFLM's pad_and_concat: zeros)
     rows: torch.Tensor  # [N] row of each scored continuation token
-    pos: torch.Tensor  # [N] position whose logits predict it
+    pos: torch.Tensor  # [N] position whose logits predict it (into ``keep`` when it is given)
     toks: torch.Tensor  # [N] the continuation token
     by_len: list[tuple[torch.Tensor, torch.Tensor]]  # ([R_n, n] indices into N, [R_n] request ids)
     lengths: torch.Tensor  # [B] unpadded input lengths
     n_tokens: int = 0
+    keep: torch.Tensor | None = None  # [K] the positions whose logits are computed (None: all)
 
 
 @dataclasses.dataclass
@@ -746,11 +747,24 @@ class _LiveLM(HFLM):
                 (torch.tensor([[first[r] + j for j in range(n)] for r in rs]), torch.tensor(rs))
                 for n, rs in sorted(by_n.items())
             ]
+            keep = None
+            if self._keeps_logits:  # the vocabulary's logits at the scored positions only
+                kept = sorted(set(pos))
+                at = {q: k for k, q in enumerate(kept)}
+                keep, pos = torch.tensor(kept), [at[q] for q in pos]
             batches.append(self._to_device(_LLBatch(
                 inputs, torch.tensor(rows), torch.tensor(pos), torch.tensor(toks), by_len,
-                torch.tensor([len(x) for x in inps]), sum(len(x) for x in inps),
+                torch.tensor([len(x) for x in inps]), sum(len(x) for x in inps), keep,
             )))
         return len(requests), batches
+
+    @functools.cached_property
+    def _keeps_logits(self) -> bool:
+        """Whether the model computes logits at chosen positions only (``logits_to_keep``, as
+        ``generate`` asks for its last one): a request's scored positions are its continuation's
+        few tokens, and [batch, length, vocabulary] logits are most of a forward pass's memory
+        (8 x 2048 x 128256 fp32 = 8.4 GB for Llama 3)."""
+        return bool(getattr(self.model, "_supports_logits_to_keep", lambda: False)())
 
     def _to_device(self, batch):
         for f in dataclasses.fields(batch):
@@ -761,11 +775,17 @@ class _LiveLM(HFLM):
             batch.by_len = [(i.to(self.device), r.to(self.device)) for i, r in batch.by_len]
         return batch
 
+    def _logits(self, b: _LLBatch) -> torch.Tensor:
+        if b.keep is None:
+            return self._model_call(b.inputs)
+        with torch.no_grad():
+            return self.model(b.inputs, logits_to_keep=b.keep).logits
+
     def _run_ll(self, n: int, batches: list[_LLBatch]) -> list[tuple[float, bool]]:
         lls = greedy = None
         for b in batches:
             self.tokens += b.n_tokens
-            logits = self._model_call(b.inputs)  # [B, P, V]
+            logits = self._logits(b)  # [B, P or K, V]
             # log-softmax only where a continuation token is scored: a row-wise op, so the
             # values are those of HFLM's log-softmax over the whole batch
             scored = F.log_softmax(logits[b.rows, b.pos], dim=-1, dtype=self.softmax_dtype)
@@ -856,7 +876,7 @@ class _LiveLM(HFLM):
         eos_ids = self.model.generation_config.eos_token_id
         eos = torch.tensor(eos_ids if isinstance(eos_ids, list) else [eos_ids], device=self.device)
         pad = self.tokenizer.pad_token_id
-        keep_one = getattr(model, "_supports_logits_to_keep", lambda: False)()  # as generate() does
+        keep_one = self._keeps_logits  # the last position's logits, as generate() asks
         out: list[str | None] = [None] * n
         for b in batches:
             stops = {}  # token id -> does its text contain a stop string

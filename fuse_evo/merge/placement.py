@@ -182,11 +182,13 @@ def gb(n: int | None) -> str:
 
 def memory_plan(base: ModelBytes, sources: Sequence[ModelBytes], machine: Machine, *, live_dtype: str | None = None,
                 thresholds: bool = True, ranks: bool = False, batch_size: int = 8, sequence_length: int = 2048,
-                force: str = "auto") -> MemoryPlan:
+                scored_tokens: int = 64, force: str = "auto") -> MemoryPlan:
     """Bytes per worker of each placement for merging ``sources`` into ``base`` and scoring
     the live model (``live_dtype``: None = the base's); ``thresholds``/``ranks``: the space's
     methods need magnitude histograms / DELLA's rank tables; ``batch_size`` x
-    ``sequence_length``: the evaluator's activations. ``force``: auto or one of PLACEMENTS.
+    ``sequence_length``: the evaluator's activations, whose fp32 vocabulary logits cover
+    ``scored_tokens`` positions per row (the evaluator asks for the scored positions only).
+    ``force``: auto or one of PLACEMENTS.
     Raises PlacementError, naming the bytes, when the forced placement or every one does
     not fit."""
     if force not in ("auto", *PLACEMENTS):
@@ -203,7 +205,8 @@ def memory_plan(base: ModelBytes, sources: Sequence[ModelBytes], machine: Machin
     largest = max(base.tensor_numels, default=0)
     workspace = 4 * largest * 2  # the histogram's index pass and one fp32 tensor of the merge
     act_width = 2 if live_bytes <= 2 * base.parameters else 4
-    activations = batch_size * sequence_length * (4 * base.vocab + (4 * base.hidden + 3 * base.intermediate) * act_width)
+    logits = batch_size * min(scored_tokens, sequence_length) * 4 * base.vocab
+    activations = logits + batch_size * sequence_length * (4 * base.hidden + 3 * base.intermediate) * act_width
     parts = {"sources": s_bytes, "base": base.bytes, "live model": live_bytes, "tables": tables,
              "activations": activations, "workspace": workspace}
     resident = s_bytes + base.bytes

@@ -234,6 +234,7 @@ def plan_memory(cmd: SearchCommand, models: Models, space_cfg: Any, cluster: Clu
     return memory_plan(base, sources, machine, live_dtype=cmd.run.dtype,
                        thresholds=sparsify in ("magnitude", "outliers"), ranks=sparsify == "ranked",
                        batch_size=cmd.evaluator.batch_size, sequence_length=p.sequence_length,
+                       scored_tokens=p.scored_tokens,
                        force=cmd.cluster.placement)
 
 
