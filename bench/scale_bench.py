@@ -14,6 +14,8 @@ perturbed experts (``bench/merge_bench.py``'s builder; a ``--workdir`` with them
 * ``workers``: the same TIES search on ``cluster=ray`` with 1 and then 2 CPU workers; the sum of
   the workers' PSS (``/proc/PID/smaps_rollup``, shared pages split between the processes that
   map them), sampled every 0.5 s: the second worker should add at most the live model plus 10%.
+  What it adds beyond the live model is set against a bare interpreter that has imported what
+  a worker imports (its private bytes): the floor of any worker process.
 * ``--merge``: ``bench/merge_bench.py`` at the same shape (per-candidate materialize time of
   task_arithmetic, ties, dare_ties, slerp against the bf16 roofline, first-use setup) and
   ``mergekit-yaml`` on the TIES config (time and peak RSS), as its own process.
@@ -84,12 +86,26 @@ def timed_search(cmd: list[str], log: Path) -> dict:
             "cmd": cmd, "log": str(log)}
 
 
-def _pss(pid: int) -> int:
+def _pss(pid: int, field: str = "Pss") -> int:
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
         return 0
-    m = re.search(r"^Pss:\s+(\d+) kB", text, re.MULTILINE)
+    m = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(m.group(1)) * 1024 if m else 0
+
+
+IMPORTS = ("import torch, transformers, ray, lm_eval, lm_eval.tasks, lm_eval.models.huggingface; "
+           "import fuse_evo.search.worker, fuse_evo.evaluate.evaluator, fuse_evo.merge.live, fuse_evo.models")
+
+
+def import_floor() -> int:
+    """Private (anonymous) bytes of a bare interpreter that has imported what a worker imports:
+    what any worker process holds before its first model byte."""
+    code = f"{IMPORTS}; import os, re; print(open(f'/proc/{{os.getpid()}}/smaps_rollup').read())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, **ENV}).stdout
+    m = re.search(r"^Pss_Anon:\s+(\d+) kB", out, re.MULTILINE)
     return int(m.group(1)) * 1024 if m else 0
 
 
@@ -109,7 +125,7 @@ def _workers() -> list[int]:
 
 def workers_pss(cmd: list[str], log: Path) -> dict:
     """Run ``cmd`` (a Ray search) and sample the summed PSS of its worker actors every 0.5 s."""
-    peak = {"sum": 0, "per_worker": {}}
+    peak = {"sum": 0, "per_worker": {}, "anon_per_worker": {}}
     done = threading.Event()
 
     def sample() -> None:
@@ -119,6 +135,7 @@ def workers_pss(cmd: list[str], log: Path) -> dict:
             if sum(values.values()) > peak["sum"]:
                 peak["sum"] = sum(values.values())
                 peak["per_worker"] = {str(k): v for k, v in values.items()}
+                peak["anon_per_worker"] = {str(k): _pss(k, "Pss_Anon") for k in pids}
             time.sleep(0.5)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -126,7 +143,8 @@ def workers_pss(cmd: list[str], log: Path) -> dict:
     result = timed_search(cmd, log)
     done.set()
     thread.join()
-    return {**result, "peak_pss_sum_bytes": peak["sum"], "peak_pss_per_worker": peak["per_worker"]}
+    return {**result, "peak_pss_sum_bytes": peak["sum"], "peak_pss_per_worker": peak["per_worker"],
+            "peak_anon_per_worker": peak["anon_per_worker"]}
 
 
 def trials(run_dir: Path) -> dict:
@@ -179,8 +197,13 @@ def main() -> int:
         live = model_bytes  # the live model in the base's dtype
         results["second_worker_adds_bytes"] = two - one
         results["second_worker_bound_bytes"] = 1.1 * live
+        results["import_floor_bytes"] = floor = import_floor()
+        anon = list(results["workers"]["2"]["peak_anon_per_worker"].values())
         print(f"[workers] the second worker adds {(two - one) / 1e9:.2f} GB (bound: live model + 10% = "
-              f"{1.1 * live / 1e9:.2f} GB: {'ok' if two - one <= 1.1 * live else 'OVER'})", flush=True)
+              f"{1.1 * live / 1e9:.2f} GB: {'ok' if two - one <= 1.1 * live else 'OVER'}); of it the live model "
+              f"{live / 1e9:.2f} GB and {(two - one - live) / 1e9:.2f} GB of process, of which "
+              f"{floor / 1e9:.2f} GB is a bare interpreter's imports (torch, transformers, Ray, lm-eval); "
+              f"private memory per worker: {', '.join(f'{a / 1e9:.2f}' for a in anon)} GB", flush=True)
     if args.merge:
         shape = SHAPE + ["--workdir", str(workdir)]
         merge_json, yaml_json = workdir / "merge_bench.json", workdir / "mergekit_yaml.json"
