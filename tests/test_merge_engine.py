@@ -293,3 +293,50 @@ def test_the_tables_of_a_bf16_llama_stay_under_five_percent_of_its_sources(tmp_p
             engine.materialize(recipe, into=live)
     assert any(isinstance(t, ops.MagnitudeHistogram) for t in engine._tables.values())
     assert engine.table_bytes < 0.05 * engine.nbytes, (engine.table_bytes, engine.nbytes)
+
+
+def test_table_passes_in_chunks_give_the_merges_of_one_pass(tmp_path, monkeypatch):
+    """The histograms, refinements and kept-norm tables are built chunk by chunk in reused
+    buffers (a fresh tensor-sized transient per pass costs page faults): with chunk bounds
+    that cut every large tensor at odd offsets, TIES, breadcrumbs and DARE-TIES (its kept-norm
+    tables, built when a seed comes back) merge bit for bit as with one pass per tensor, and
+    the buffers are gone once a candidate is merged."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fuse_evo.merge import engine as engine_module
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=256, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    folders = {}
+    for name in ("base", "a", "b"):
+        if name != "base":
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * p.std() * torch.randn_like(p.float()).to(p.dtype))
+        model.save_pretrained(tmp_path / name)
+        folders[name] = tmp_path / name
+    pool = ModelPool(folders["base"], {"a": folders["a"], "b": folders["b"]})
+    recipes = [Recipe("ties", ("a", "b"), groups={"*": {"*": {"weight": 0.6, "density": 0.3}}}),
+               Recipe("breadcrumbs", ("a", "b"), groups={"*": {"*": {"weight": 0.5, "density": 0.7, "gamma": 0.05}}}),
+               Recipe("dare_ties", ("a", "b"), seed=3, groups={"*": {"*": {"weight": 0.7, "density": 0.4}}}),
+               Recipe("dare_ties", ("a", "b"), seed=3, groups={"*": {"*": {"weight": 0.7, "density": 0.6}}})]
+
+    def merges() -> tuple[list[dict[str, torch.Tensor]], MergeEngine]:
+        engine, live = MergeEngine(pool, device="cpu"), pool.new_model()
+        out = []
+        for recipe in recipes:
+            engine.materialize(recipe, into=live)
+            assert not engine._scratch
+            out.append({k: v.clone() for k, v in live.state_dict().items()})
+        return out, engine
+
+    whole, one = merges()
+    assert max(t.numel() for t in pool.base.tensors.values()) < engine_module._CHUNK  # one pass per tensor
+    monkeypatch.setattr(engine_module, "_CHUNK", 1_000_003)  # 4 chunks of the embeddings, cut at odd offsets
+    chunked, other = merges()
+    assert other._kept and other._tables  # the kept-norm tables and histograms were built in chunks
+    for a, b in zip(whole, chunked, strict=True):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
