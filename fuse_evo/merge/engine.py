@@ -521,6 +521,8 @@ def _into(kernel: Callable) -> Callable:
         fill.__name__ = f"fill_{kernel.__name__}"
         _FILLERS[kernel] = fill
     return _fused(_FILLERS[kernel])
+
+
 _SORTED_UP_TO = 1 << 13  # tensors this small (norms, biases) keep a sorted |delta| (<= 32 KB)
 
 
