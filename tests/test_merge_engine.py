@@ -267,14 +267,13 @@ def test_a_merge_that_overflows_fp16_but_not_fp32_is_refused(micro_zoo, tmp_path
         engine.materialize(big, into=live)
 
 
-def test_the_tables_of_a_bf16_llama_stay_under_five_percent_of_its_sources(tmp_path):
-    """A small bf16 Llama (tensors large enough for histograms) and 2 perturbed copies: after
-    TIES and breadcrumbs candidates, the thresholds' tables hold well under 5% of the bytes."""
+def _bf16_llama_pool(tmp_path, seed: int, **shape) -> ModelPool:
+    """A random bf16 Llama as base and two perturbed copies ("a", "b") as sources."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=4096, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
+                         **shape)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     folders = {}
     for name in ("base", "a", "b"):
@@ -284,7 +283,13 @@ def test_the_tables_of_a_bf16_llama_stay_under_five_percent_of_its_sources(tmp_p
                     p.add_(0.05 * p.std() * torch.randn_like(p.float()).to(p.dtype))
         model.save_pretrained(tmp_path / name)
         folders[name] = tmp_path / name
-    pool = ModelPool(folders["base"], {"a": folders["a"], "b": folders["b"]})
+    return ModelPool(folders["base"], {"a": folders["a"], "b": folders["b"]})
+
+
+def test_the_tables_of_a_bf16_llama_stay_under_five_percent_of_its_sources(tmp_path):
+    """A small bf16 Llama (tensors large enough for histograms) and 2 perturbed copies: after
+    TIES and breadcrumbs candidates, the thresholds' tables hold well under 5% of the bytes."""
+    pool = _bf16_llama_pool(tmp_path, 0, hidden_size=512, intermediate_size=1376, num_hidden_layers=2)
     engine = MergeEngine(pool, device="cpu")
     live = pool.new_model()
     for method, extra in (("ties", {}), ("breadcrumbs", {"gamma": 0.02})):
@@ -301,23 +306,9 @@ def test_table_passes_in_chunks_give_the_merges_of_one_pass(tmp_path, monkeypatc
     that cut every large tensor at odd offsets, TIES, breadcrumbs and DARE-TIES (its kept-norm
     tables, built when a seed comes back) merge bit for bit as with one pass per tensor, and
     the buffers are gone once a candidate is merged."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from fuse_evo.merge import engine as engine_module
 
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=256, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    folders = {}
-    for name in ("base", "a", "b"):
-        if name != "base":
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(0.05 * p.std() * torch.randn_like(p.float()).to(p.dtype))
-        model.save_pretrained(tmp_path / name)
-        folders[name] = tmp_path / name
-    pool = ModelPool(folders["base"], {"a": folders["a"], "b": folders["b"]})
+    pool = _bf16_llama_pool(tmp_path, 1, hidden_size=1024, intermediate_size=256, num_hidden_layers=1)
     recipes = [Recipe("ties", ("a", "b"), groups={"*": {"*": {"weight": 0.6, "density": 0.3}}}),
                Recipe("breadcrumbs", ("a", "b"), groups={"*": {"*": {"weight": 0.5, "density": 0.7, "gamma": 0.05}}}),
                Recipe("dare_ties", ("a", "b"), seed=3, groups={"*": {"*": {"weight": 0.7, "density": 0.4}}}),
