@@ -203,7 +203,7 @@ def memory_plan(base: ModelBytes, sources: Sequence[ModelBytes], machine: Machin
     if ranks:
         tables += (s_bytes + base.bytes) // 50  # the engine's cache_bytes
     largest = max(base.tensor_numels, default=0)
-    workspace = 4 * largest * 2  # the histogram's index pass and one fp32 tensor of the merge
+    workspace = 4 * largest * 2  # two fp32-sized transients of the largest tensor (an upper bound: the table passes use 64 MB chunks)
     act_width = 2 if live_bytes <= 2 * base.parameters else 4
     logits = batch_size * min(scored_tokens, sequence_length) * 4 * base.vocab
     activations = logits + batch_size * sequence_length * (4 * base.hidden + 3 * base.intermediate) * act_width
