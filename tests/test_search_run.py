@@ -125,10 +125,12 @@ def _count(db: Path) -> int:
         return 0
 
 
-def kill_and_resume(args: list[str], run_dir: Path, budget: int, kill_after: int, timeout: float = 120) -> list:
+def kill_and_resume(args: list[str], run_dir: Path, budget: int, kill_after: int, timeout: float = 120,
+                    check=check_archive) -> list:
     """Start ``fuse-evo search ARGS`` in a subprocess, SIGKILL it once ``kill_after``
     evaluations are archived, run the same command again; check the resumed run kept every
-    archived evaluation exactly as it was and finished its budget. Returns its trials."""
+    archived evaluation exactly as it was and finished its budget (``check(run_dir, budget)``:
+    the archive's checks, the micro zoo's by default). Returns its trials."""
     cmd = [sys.executable, "-m", "fuse_evo.cli", "search", *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -145,10 +147,10 @@ def kill_and_resume(args: list[str], run_dir: Path, budget: int, kill_after: int
             proc.kill()
     assert kill_after <= _count(run_dir / "archive.db") < budget
     before = {t.number: t.to_dict() for t in Archive.open(run_dir).trials()}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(300, timeout))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"{budget} of {budget} evaluations (resumed)" in done.stdout
-    trials = check_archive(run_dir, budget).trials()
+    trials = check(run_dir, budget).trials()
     assert all(trials[n].to_dict() == before[n] for n in before)  # kept as they were, exactly once
     return trials
 

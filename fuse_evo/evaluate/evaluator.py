@@ -324,7 +324,8 @@ class Evaluator:
     """lm-eval tasks on one live model: built once, scored many times.
 
     Args:
-        model: the live ``PreTrainedModel`` (merged into in place between calls).
+        model: the live ``PreTrainedModel`` (merged into in place between calls), or a
+            ``VLLMEngine`` (``evaluate/vllm_lm.py``) whose weights are written between calls.
         tokenizer: its tokenizer object (never loaded by name).
         tasks: lm-eval task, group or tag names: built-in ones and/or ones defined by YAMLs
             under ``include_path``.
@@ -383,7 +384,7 @@ class Evaluator:
         self.num_fewshot = num_fewshot
         self.batch_size = int(batch_size)
         self.fewshot_seed = fewshot_seed
-        self.device = next(model.parameters()).device
+        self.device = model.device if not isinstance(model, torch.nn.Module) else next(model.parameters()).device
 
         t0 = time.perf_counter()
         with _quiet_lm_eval(), _seeded(self.device):
@@ -410,7 +411,9 @@ class Evaluator:
             for task_name, task in self.tasks.items():
                 self._configure(task_name, task)
             self._build_requests(managers)
-            self.lm = _LiveLM(model, tokenizer, self.batch_size)
+            # a VLLMEngine (evaluate/vllm_lm.py) brings its own lm-eval model; a torch model gets HFLM's
+            self.lm = (_LiveLM(model, tokenizer, self.batch_size) if isinstance(model, torch.nn.Module)
+                       else model.lm_eval_model(tokenizer, self.batch_size))
             for reqtype, reqs in self._requests.items():
                 self.lm.prepare(reqtype, reqs)
         self.build_seconds = time.perf_counter() - t0
@@ -573,10 +576,15 @@ class Evaluator:
     def lm_eval_report(self, scores: Scores, model_name: str = "") -> dict[str, Any]:
         """The results file ``lm_eval --output_path`` writes: results, configs, n-shot, ..."""
         out = dict(scores.report)
+        if isinstance(self.model, torch.nn.Module):
+            params, dtype = sum(p.numel() for p in self.model.parameters()), next(self.model.parameters()).dtype
+        else:  # a VLLMEngine
+            params, dtype = self.model.num_parameters, self.model.dtype
         out["config"] = {
             "model": model_name or getattr(self.model.config, "_name_or_path", type(self.model).__name__),
-            "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
-            "model_dtype": str(next(self.model.parameters()).dtype),
+            "model_num_parameters": params,
+            "model_dtype": str(dtype),
+            "backend": "hf" if isinstance(self.model, torch.nn.Module) else "vllm",
             "batch_size": self.batch_size,
             "device": str(self.device),
             "limit": {n: v for n, v in self._limits.items() if v is not None} or None,

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..config import EvaluatorConfig, check_backend
 from ..device import check_device
 from ..errors import FuseEvoError
 from ..files import atomic_write
@@ -76,24 +77,40 @@ def evaluate_folder(
     batch_size: int = 64,
     device: str | None = None,
     output_path: str | Path | None = None,
+    backend: str = "hf",
+    max_model_len: int | None = 2048,
 ) -> dict[str, Any]:
-    """Score a model folder; return (and optionally write) the lm-eval-shaped results."""
+    """Score a model folder; return (and optionally write) the lm-eval-shaped results.
+    ``backend``: hf (the torch model through HFLM) or vllm (a vLLM engine on the folder)."""
     from .evaluator import Evaluator, to_json
 
     check_device(device, "--device")
+    if max_model_len is not None and max_model_len < 2:
+        raise FuseEvoError(f"--max_model_len {max_model_len}: must be at least 2 tokens")
+    check_backend(EvaluatorConfig(backend=backend), option="--backend")
     if limit is not None and not limit > 0:
         raise FuseEvoError(f"--limit {limit:g}: must be > 0 (documents per task, or a fraction of them below 1)")
     out = output_file(output_path) if output_path else None
     if out is not None and out.parent.exists() and not os.access(out.parent, os.W_OK):
         raise FuseEvoError(f"--output_path {out}: {out.parent} is not writable")
-    model, tokenizer = load_model(model_ref, device)
+    if backend == "vllm":
+        from transformers import AutoTokenizer
+
+        from ..models import resolve
+        from .vllm_lm import VLLMEngine
+
+        folder = resolve("model", model_ref)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = VLLMEngine(folder, max_model_len=max_model_len, device=device)
+    else:
+        model, tokenizer = load_model(model_ref, device)
     evaluator = Evaluator(
         model, tokenizer, tasks, include_path=include_path or None, limit=limit, samples=samples,
         num_fewshot=num_fewshot, batch_size=batch_size,
     )
     scores = evaluator.score()
     report = evaluator.lm_eval_report(scores, model_name=str(model_ref))
-    report["timing"] = {"build_seconds": round(evaluator.build_seconds, 3),
+    report["timing"] = {"build_seconds": round(evaluator.build_seconds + getattr(model, "start_seconds", 0.0), 3),
                         "score_seconds": round(scores.seconds, 3), "tokens": scores.tokens}
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -121,6 +138,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch_size", default="64", help="sequences per forward pass (an integer)")
     parser.add_argument("--output_path", default=None, help="results JSON (OUT.json, or a folder)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--backend", default="hf", help="hf (transformers, the default) or vllm")
+    parser.add_argument("--max_model_len", type=int, default=2048,
+                        help="vllm: the longest prompt + generation the engine serves")
     args = parser.parse_args(argv)
     try:
         batch_size = int(args.batch_size)
@@ -136,12 +156,12 @@ def main(argv: list[str]) -> int:
     report = evaluate_folder(
         args.model, tasks, include_path=args.include_path, limit=args.limit,
         samples=parse_samples(args.samples), num_fewshot=args.num_fewshot, batch_size=batch_size,
-        device=args.device, output_path=args.output_path,
+        device=args.device, output_path=args.output_path, backend=args.backend, max_model_len=args.max_model_len,
     )
     print(results_table(report))
     t = report["timing"]
     print(f"built in {t['build_seconds']:.2f} s, scored in {t['score_seconds']:.2f} s "
-          f"({report['config']['device']}, batch size {batch_size})", file=sys.stderr)
+          f"({report['config']['device']}, {args.backend} backend, batch size {batch_size})", file=sys.stderr)
     if args.output_path:
         print(f"results written to {output_file(args.output_path)}", file=sys.stderr)
     return 0

@@ -49,6 +49,7 @@ class ModelBytes:
     intermediate: int = 0
     vocab: int = 0
     layers: int = 0
+    kv_width: int = 0  # key (= value) width per token per layer: hidden x kv_heads / heads
 
 
 def _checkpoint_files(name: str, folder: Path) -> list[Path]:
@@ -86,10 +87,13 @@ def read_model_bytes(name: str, folder: str | Path) -> ModelBytes:
     config = {}
     if (folder / "config.json").exists():
         config = json.loads((folder / "config.json").read_text())
+    hidden, heads = int(config.get("hidden_size", 0)), int(config.get("num_attention_heads", 0) or 1)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    kv_width = head_dim * int(config.get("num_key_value_heads") or heads)
     return ModelBytes(name, sum(numels), total, tuple(sorted(dtypes)), tuple(numels),
-                      max(layer_bytes.values(), default=0), int(config.get("hidden_size", 0)),
+                      max(layer_bytes.values(), default=0), hidden,
                       int(config.get("intermediate_size", 0)), int(config.get("vocab_size", 0)),
-                      int(config.get("num_hidden_layers", len(layer_bytes))))
+                      int(config.get("num_hidden_layers", len(layer_bytes))), kv_width)
 
 
 def llama_shape(name: str, hidden: int, layers: int, intermediate: int, vocab: int, heads: int, kv_heads: int,
@@ -101,7 +105,7 @@ def llama_shape(name: str, hidden: int, layers: int, intermediate: int, vocab: i
     numels = [vocab * hidden] + block * layers + [hidden] + ([] if tied else [vocab * hidden])
     size = DTYPE_BYTES[dtype]
     return ModelBytes(name, sum(numels), sum(numels) * size, (dtype,), tuple(numels), sum(block) * size,
-                      hidden, intermediate, vocab, layers)
+                      hidden, intermediate, vocab, layers, kv_heads * head)
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,7 @@ class MemoryPlan:
     machine: Machine
     chosen: str | None
     notes: tuple[str, ...] = ()
+    kv_cache_bytes: int | None = None  # the vLLM engine's KV cache (evaluator.backend=vllm), per worker
 
     def fits(self, placement: str) -> bool:
         need, m = self.needs[placement], self.machine
@@ -182,13 +187,18 @@ def gb(n: int | None) -> str:
 
 def memory_plan(base: ModelBytes, sources: Sequence[ModelBytes], machine: Machine, *, live_dtype: str | None = None,
                 thresholds: bool = True, ranks: bool = False, batch_size: int = 8, sequence_length: int = 2048,
-                scored_tokens: int = 64, force: str = "auto") -> MemoryPlan:
+                scored_tokens: int = 64, force: str = "auto", vllm: bool = False,
+                kv_cache_bytes: int | None = None, max_model_len: int = 2048) -> MemoryPlan:
     """Bytes per worker of each placement for merging ``sources`` into ``base`` and scoring
     the live model (``live_dtype``: None = the base's); ``thresholds``/``ranks``: the space's
     methods need magnitude histograms / DELLA's rank tables; ``batch_size`` x
     ``sequence_length``: the evaluator's activations, whose fp32 vocabulary logits cover
     ``scored_tokens`` positions per row (the evaluator asks for the scored positions only).
-    ``force``: auto or one of PLACEMENTS.
+    ``force``: auto or one of PLACEMENTS. ``vllm``: the evaluator scores with a vLLM engine
+    on the scoring device beside the live model (which stays: the merge writes into it): its
+    own copy of the weights, its activations and a KV cache of ``kv_cache_bytes`` (None: on a
+    GPU what the placement leaves within the headroom, at least one ``max_model_len``
+    sequence; on the host 2 GiB, vLLM-CPU's own default).
     Raises PlacementError, naming the bytes, when the forced placement or every one does
     not fit."""
     if force not in ("auto", *PLACEMENTS):
@@ -212,6 +222,12 @@ def memory_plan(base: ModelBytes, sources: Sequence[ModelBytes], machine: Machin
     resident = s_bytes + base.bytes
     stream_window = 2 * (n + 1) * max(base.largest_layer_bytes, largest * 2)
     scoring = live_bytes + activations
+    kv_min = 2 * base.layers * (base.kv_width or base.hidden) * act_width * max_model_len
+    kv_fixed = kv_cache_bytes if kv_cache_bytes is not None else (2 * 2**30 if machine.gpu_bytes is None else kv_min)
+    if vllm:  # the engine's copy of the weights and its KV cache; the activations are its (the live model is not run)
+        parts["vllm weights"] = live_bytes
+        parts["kv cache"] = kv_fixed
+        scoring += live_bytes + kv_fixed
     if machine.gpu_bytes is None:  # no GPU: everything on the host, the live model and scoring included
         needs = {p: Need(p, 0, resident, tables + workspace + scoring) for p in PLACEMENTS}
     else:
@@ -231,7 +247,12 @@ def memory_plan(base: ModelBytes, sources: Sequence[ModelBytes], machine: Machin
     candidates = ("cpu",) if machine.gpu_bytes is None else PLACEMENTS if force == "auto" else (force,)
     for p in candidates:
         if plan.fits(p):
-            return MemoryPlan(parts, needs, machine, p, tuple(notes))
+            kv = None
+            if vllm:
+                kv = kv_fixed if kv_cache_bytes is not None or machine.gpu_bytes is None else (
+                    kv_fixed + int(HEADROOM * machine.gpu_bytes) - needs[p].gpu)  # the GPU's rest, within the headroom
+                notes.append(f"vLLM KV cache {gb(kv)} ({kv // max(kv_min // max_model_len, 1):,} tokens)")
+            return MemoryPlan(parts, needs, machine, p, tuple(notes), kv)
     what = "cluster.placement=" + force if force != "auto" else "no placement"
     detail = "; ".join(f"{p}: GPU {gb(needs[p].gpu)}, host {gb(needs[p].host(machine.workers_per_node))}"
                        for p in candidates)

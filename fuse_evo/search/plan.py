@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import (RESUME_SAFE, ClusterConfig, DataFlowSpaceConfig, ModelsConfig, ObjectiveConfig, SearchCommand,
-                      StrategyConfig, check_heldout, check_limits, to_yaml)
+                      StrategyConfig, check_backend, check_heldout, check_limits, to_yaml)
 from ..device import check_device
 from ..errors import ConfigError, FuseEvoError
 from ..evaluate.objectives import Objectives, default_objectives
@@ -113,6 +113,7 @@ def check_plan(cmd: SearchCommand) -> None:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
     check_limits(cmd.evaluator)
     check_heldout(cmd.evaluator)
+    check_backend(cmd.evaluator)
     check_cluster(cmd.cluster)
     if cmd.cluster.backend == "serial" or not cmd.cluster.address:  # a joined cluster's GPUs are on its nodes
         check_device(cmd.run.device, "run.device")
@@ -155,6 +156,10 @@ def make_plan(cmd: SearchCommand, run_id: str, cluster: ClusterConfig, stored: d
     space_cfg = space_models(cmd.space, models)
     dataflow = None
     if space_cfg.method == DATAFLOW:
+        if cmd.evaluator.backend == "vllm":  # a routed path changes the layer count the engine was built with
+            raise ConfigError("evaluator.backend=vllm scores parameter-space merges only: a data-flow candidate "
+                              "changes the number of layers, and a vLLM engine serves one architecture; use "
+                              "evaluator.backend=hf for space.method=dataflow")
         space, dataflow = _dataflow_space(cmd, space_cfg, models)
     else:
         space = SearchSpace(space_cfg, base_config(models.base))
@@ -173,6 +178,9 @@ def make_plan(cmd: SearchCommand, run_id: str, cluster: ClusterConfig, stored: d
         raise ConfigError(f"strategy.num_objectives: {n_obj}; use 1 (the weighted sum of the objectives), "
                           f"{len(objectives)} (each of {objectives.names}) or null (each of them)")
     memory = plan_memory(cmd, models, space_cfg, cluster)
+    if memory is not None and memory.kv_cache_bytes is not None and evaluator.vllm.kv_cache_gb is None:
+        # the engine's KV cache is what the plan gave it (vLLM then ignores gpu_memory_utilization)
+        evaluator = replace(evaluator, vllm=replace(evaluator.vllm, kv_cache_gb=memory.kv_cache_bytes / 2**30))
     worker = WorkerSpec(
         base=models.base, sources={m: models.sources[m] for m in space_cfg.models},
         evaluator=evaluator, base_name=space_cfg.base, allow_pickle=cmd.models.allow_pickle,
@@ -234,8 +242,11 @@ def plan_memory(cmd: SearchCommand, models: Models, space_cfg: Any, cluster: Clu
     return memory_plan(base, sources, machine, live_dtype=cmd.run.dtype,
                        thresholds=sparsify in ("magnitude", "outliers"), ranks=sparsify == "ranked",
                        batch_size=cmd.evaluator.batch_size, sequence_length=p.sequence_length,
-                       scored_tokens=p.scored_tokens,
-                       force=cmd.cluster.placement)
+                       scored_tokens=p.scored_tokens, force=cmd.cluster.placement,
+                       vllm=cmd.evaluator.backend == "vllm", max_model_len=int(cmd.evaluator.vllm.max_model_len or
+                                                                               p.sequence_length),
+                       kv_cache_bytes=None if cmd.evaluator.vllm.kv_cache_gb is None
+                       else int(cmd.evaluator.vllm.kv_cache_gb * 2**30))
 
 
 def _dataflow_space(cmd: SearchCommand, space_cfg: Any, models: Models) -> tuple[DataFlowSpace, dict[str, Any]]:

@@ -2,7 +2,8 @@
 
 A ``Worker`` holds a LiveMerge (the source tensors resident in a MergeEngine, one live model
 merged into in place, a router for data-flow runs) and an Evaluator whose lm-eval requests
-were built once on that live model. ``Worker.run(job)`` never raises for a bad candidate: an
+were built once on that live model (``evaluator.backend=vllm``: on a vLLM engine started once,
+into which each merged candidate is written in place). ``Worker.run(job)`` never raises for a bad candidate: an
 exception in the merge or the evaluation, or a non-finite objective, comes back as a
 ``failed`` result with the error text. It is built from a ``WorkerSpec``: plain, picklable
 data, so a Ray actor on another node builds the same worker.
@@ -107,7 +108,13 @@ class Worker:
                                placement=spec.placement)
         if self.merge.tokenizer is None:
             raise FuseEvoError(f"models.base: {spec.base} has no tokenizer; the evaluator needs one")
-        self.evaluator = Evaluator.from_config(self.merge.live, self.merge.tokenizer, spec.evaluator)
+        self.vllm = None  # evaluator.backend=vllm: each candidate is written from the live model into this engine
+        if spec.evaluator.backend == "vllm":
+            from ..evaluate.vllm_lm import VLLMEngine
+
+            self.vllm = VLLMEngine.from_config(pool.base.path, spec.evaluator.vllm, dtype=spec.dtype,
+                                               device=str(self.merge.device))
+        self.evaluator = Evaluator.from_config(self.vllm or self.merge.live, self.merge.tokenizer, spec.evaluator)
         self.objectives.check_tasks(self.evaluator.metric_names())
         self.name = f"{socket.gethostname()}:{os.getpid()}:{self.merge.device}"
         self.build_seconds = time.perf_counter() - t0
@@ -127,6 +134,8 @@ class Worker:
         try:
             model = self.merge.load(job.candidate)
             timings["merge"] = time.perf_counter() - t0
+            if self.vllm is not None:
+                timings["weights"] = self.vllm.write_model(model)
             t1 = time.perf_counter()
             scores = self.evaluator.score()
             timings["score"] = time.perf_counter() - t1
