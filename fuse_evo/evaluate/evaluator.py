@@ -645,7 +645,23 @@ class _GenBatch:
     generated: list[list[int]] = dataclasses.field(default_factory=list)
 
 
-class _LiveLM(HFLM):
+class PlanCache:
+    """Request plans (token ids, batches) built once per request list, keyed by the requests'
+    identity, which the cache holds alive; shared by both backends' lm-eval models."""
+
+    MAX_PLANS = 8
+
+    def _plan(self, kind: str, requests: list, build) -> Any:
+        key = (kind, len(requests), tuple(map(id, requests)))
+        hit = self._plans.get(key)
+        if hit is None:
+            if len(self._plans) >= self.MAX_PLANS:
+                self._plans.pop(next(iter(self._plans)))
+            hit = self._plans[key] = (list(requests), build(requests))
+        return hit[1]
+
+
+class _LiveLM(PlanCache, HFLM):
     """HFLM on a live model whose request batches are built once and reused on every call.
 
     ``loglikelihood`` and greedy ``generate_until`` keep a plan per request list (keyed by the
@@ -656,8 +672,6 @@ class _LiveLM(HFLM):
     truncation, so the model computes on the same tensors as under ``simple_evaluate``.
     """
 
-    MAX_PLANS = 8
-
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int):
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         self._plans: dict[tuple, tuple[list, Any]] = {}
@@ -665,15 +679,6 @@ class _LiveLM(HFLM):
         self.tokens = 0  # tokens read or generated on the fast paths since last reset
 
     # ---------------------------------------------------------------- plans
-    def _plan(self, kind: str, requests: list, build) -> Any:
-        key = (kind, len(requests), tuple(map(id, requests)))
-        hit = self._plans.get(key)
-        if hit is None:
-            if len(self._plans) >= self.MAX_PLANS:
-                self._plans.pop(next(iter(self._plans)))
-            hit = self._plans[key] = (list(requests), build(requests))
-        return hit[1]
-
     def prepare(self, reqtype: str, requests: list) -> None:
         """Build the plan for ``requests`` now (tokenization and batching), not on first call."""
         if reqtype == "loglikelihood" and self._fast_loglikelihood():

@@ -34,7 +34,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ..config import VLLM_INSTALL
 from ..errors import FuseEvoError
-from .evaluator import NonFiniteOutputs
+from .evaluator import NonFiniteOutputs, PlanCache
 
 
 def _import_vllm():
@@ -155,7 +155,7 @@ def _parameters(folder: Path) -> int | None:
         return None
 
 
-class VLLMLM(TemplateLM):
+class VLLMLM(PlanCache, TemplateLM):
     """lm-eval's model interface on a ``VLLMEngine``; tokenization is HFLM's own (its methods,
     bound to this object), so a request becomes the same token ids under both backends."""
 
@@ -164,7 +164,6 @@ class VLLMLM(TemplateLM):
     tok_batch_encode = HFLM.tok_batch_encode
     tok_decode = HFLM.tok_decode
     prefix_token_id = HFLM.prefix_token_id
-    MAX_PLANS = 8
 
     def __init__(self, engine: VLLMEngine, tokenizer, batch_size: int = 64):
         super().__init__()
@@ -189,16 +188,6 @@ class VLLMLM(TemplateLM):
     @property
     def max_gen_toks(self) -> int:
         return 256
-
-    def _plan(self, kind: str, requests: list, build) -> Any:
-        """Token ids and sampling parameters built once per request list (held alive here)."""
-        key = (kind, len(requests), tuple(map(id, requests)))
-        hit = self._plans.get(key)
-        if hit is None:
-            if len(self._plans) >= self.MAX_PLANS:
-                self._plans.pop(next(iter(self._plans)))
-            hit = self._plans[key] = (list(requests), build(requests))
-        return hit[1]
 
     def prepare(self, reqtype: str, requests: list) -> None:
         if reqtype == "loglikelihood":
@@ -227,7 +216,7 @@ class VLLMLM(TemplateLM):
         return out
 
     def _ll_prompt(self, ctx: list[int], cont: list[int], what: Any) -> tuple[list[int], int]:
-        limit = min(self.max_length, self.engine.max_model_len - 1)
+        limit = self.max_length - 1  # vLLM's prompt leaves room for one generated token
         if not ctx or not cont or len(cont) > limit:
             raise FuseEvoError(f"request {what!r}: empty or over-long encoding")
         return (ctx + cont)[-limit:], len(cont)
