@@ -8,6 +8,7 @@ memory. ``fuse-evo plan models=paths ... plan.gpu_memory_gb=80`` gives the same 
 real model folders.
 
     python bench/plan_table.py            # markdown table on stdout
+    python bench/plan_table.py --vllm     # the same with evaluator.backend=vllm: its weight copy and KV cache
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--sequence", type=int, default=2048)
     p.add_argument("--scored", type=int, default=64, help="positions per row with vocabulary logits")
+    p.add_argument("--vllm", action="store_true", help="score with a vLLM engine beside the live model")
     args = p.parse_args()
     gpus = (80, 141)
     print("| model | sources | sources + base | " + " | ".join(
@@ -51,7 +53,8 @@ def main() -> int:
                 machine = Machine(int(g * 1e9), int(args.host_gb * 1e9), args.workers)
                 try:
                     plan = memory_plan(base, sources, machine, batch_size=args.batch,
-                                       sequence_length=args.sequence, scored_tokens=args.scored)
+                                       sequence_length=args.sequence, scored_tokens=args.scored,
+                                       vllm=args.vllm, max_model_len=args.sequence)
                     chosen = plan.chosen
                     needs = plan.needs
                 except PlacementError:
@@ -60,7 +63,8 @@ def main() -> int:
                     cells.append(chosen)
                 else:
                     cells.append(" / ".join(f"{needs[k].gpu / 1e9:.0f}" for k in ("gpu", "stream", "cpu"))
-                                 + f" GB, **{chosen}**")
+                                 + f" GB, **{chosen}**"
+                                 + (f", KV {plan.kv_cache_bytes / 1e9:.0f} GB" if args.vllm else ""))
             resident = (base.bytes + sum(s.bytes for s in sources)) / 1e9
             print(f"| {name} | {n} | {resident:.0f} GB | " + " | ".join(cells) + " |")
     return 0

@@ -75,6 +75,25 @@ def test_the_fastest_placement_that_fits_is_chosen():
     assert need.host_per_worker < resident / 2  # a worker's own: its live model, tables, activations
 
 
+def test_a_vllm_engine_gets_its_weights_and_a_kv_cache_for_a_whole_batch():
+    shape = (4096, 32, 11008, 32000, 32, 32)  # Llama-2-7B x 2 sources: resident fits 80 GB without vLLM
+    base, sources = llama_shape("b", *shape), [llama_shape(f"s{i}", *shape) for i in range(2)]
+    machine = Machine(80 * GB, 512 * GB)
+    hf = memory_plan(base, sources, machine, batch_size=8, sequence_length=2048)
+    plan = memory_plan(base, sources, machine, batch_size=8, sequence_length=2048, vllm=True, max_model_len=2048)
+    assert plan.parts["vllm weights"] == plan.parts["live model"] == base.bytes  # bf16 live model
+    per_token = 2 * 32 * 4096 * 2  # keys and values, 32 layers, bf16
+    assert plan.parts["kv cache"] == 8 * 2048 * per_token  # the floor: batch_size sequences
+    # the resident placement would leave the engine under a batch of KV: streaming wins instead
+    assert hf.chosen == "gpu" and plan.chosen == "stream"
+    assert plan.needs["stream"].gpu - plan.parts["kv cache"] + plan.kv_cache_bytes == pytest.approx(0.9 * 80 * GB, abs=1)
+    assert f"({plan.kv_cache_bytes // per_token:,} tokens)" in plan.text()
+    # a size the user gives is kept; with no GPU, vLLM-CPU's 2 GiB
+    fixed = memory_plan(base, sources, Machine(141 * GB, 512 * GB), vllm=True, kv_cache_bytes=5 * 2**30)
+    assert fixed.kv_cache_bytes == fixed.parts["kv cache"] == 5 * 2**30
+    assert memory_plan(base, sources, Machine(None, 512 * GB), vllm=True).kv_cache_bytes == 2 * 2**30
+
+
 def test_the_logits_estimate_covers_the_scored_positions_only():
     """The evaluator computes vocabulary logits at the scored positions only: the plan's
     activations grow with ``scored_tokens`` x vocabulary, with ``sequence_length`` only

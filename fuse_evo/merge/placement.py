@@ -197,8 +197,10 @@ def memory_plan(base: ModelBytes, sources: Sequence[ModelBytes], machine: Machin
     ``force``: auto or one of PLACEMENTS. ``vllm``: the evaluator scores with a vLLM engine
     on the scoring device beside the live model (which stays: the merge writes into it): its
     own copy of the weights, its activations and a KV cache of ``kv_cache_bytes`` (None: on a
-    GPU what the placement leaves within the headroom, at least one ``max_model_len``
-    sequence; on the host 2 GiB, vLLM-CPU's own default).
+    GPU what the placement leaves within the headroom, at least ``batch_size`` sequences of
+    ``max_model_len`` tokens, since a smaller cache runs fewer sequences at once and the
+    scoring serializes: a slower merge placement wins over it; on the host 2 GiB, vLLM-CPU's
+    own default).
     Raises PlacementError, naming the bytes, when the forced placement or every one does
     not fit."""
     if force not in ("auto", *PLACEMENTS):
@@ -222,8 +224,9 @@ def memory_plan(base: ModelBytes, sources: Sequence[ModelBytes], machine: Machin
     resident = s_bytes + base.bytes
     stream_window = 2 * (n + 1) * max(base.largest_layer_bytes, largest * 2)
     scoring = live_bytes + activations
-    kv_min = 2 * base.layers * (base.kv_width or base.hidden) * act_width * max_model_len
-    kv_fixed = kv_cache_bytes if kv_cache_bytes is not None else (2 * 2**30 if machine.gpu_bytes is None else kv_min)
+    kv_token = 2 * base.layers * (base.kv_width or base.hidden) * act_width  # keys and values of one token
+    kv_fixed = kv_cache_bytes if kv_cache_bytes is not None else (
+        2 * 2**30 if machine.gpu_bytes is None else kv_token * max_model_len * max(batch_size, 1))
     if vllm:  # the engine's copy of the weights and its KV cache; the activations are its (the live model is not run)
         parts["vllm weights"] = live_bytes
         parts["kv cache"] = kv_fixed
@@ -251,7 +254,7 @@ def memory_plan(base: ModelBytes, sources: Sequence[ModelBytes], machine: Machin
             if vllm:
                 kv = kv_fixed if kv_cache_bytes is not None or machine.gpu_bytes is None else (
                     kv_fixed + int(HEADROOM * machine.gpu_bytes) - needs[p].gpu)  # the GPU's rest, within the headroom
-                notes.append(f"vLLM KV cache {gb(kv)} ({kv // max(kv_min // max_model_len, 1):,} tokens)")
+                notes.append(f"vLLM KV cache {gb(kv)} ({kv // max(kv_token, 1):,} tokens)")
             return MemoryPlan(parts, needs, machine, p, tuple(notes), kv)
     what = "cluster.placement=" + force if force != "auto" else "no placement"
     detail = "; ".join(f"{p}: GPU {gb(needs[p].gpu)}, host {gb(needs[p].host(machine.workers_per_node))}"
