@@ -141,6 +141,58 @@ def test_fewshot_and_fixed_samples_equal_simple_evaluate(micro_zoo):
     _assert_same_responses(ev, ref)
 
 
+def test_per_document_outcomes_aggregate_to_the_metrics_lm_eval_reports(micro_zoo):
+    model, tok = _load(micro_zoo, "ft_increment")
+    tasks = list(_tasks(micro_zoo).values())
+    ev = Evaluator(model, tok, tasks, include_path=micro_zoo["task_dir"], limit=40)
+    scores = ev.score()
+    flat = scores.flat()
+    assert set(scores.outcomes) == set(tasks) and scores.docs == ev.doc_ids
+    keys = {f"{t}/{k}" for t, row in scores.outcomes.items() for k in row}
+    assert keys == set(flat)  # every metric of these tasks is a mean over documents
+    for task, row in scores.outcomes.items():
+        for key, values in row.items():
+            assert len(values) == ev.n_docs[task] == len(scores.docs[task])
+            assert sum(values) / len(values) == pytest.approx(flat[f"{task}/{key}"], abs=1e-12)
+    assert any(0 < sum(v) < len(v) for row in scores.outcomes.values() for v in row.values())  # not all 0 or 1
+    # the outcome of a document is the one lm-eval logs for it
+    ref = _reference(model, tok, micro_zoo, tasks, limit=40)
+    for task in tasks:
+        logged = {s["doc_id"]: s for s in ref["samples"][task]}
+        for key, values in scores.outcomes[task].items():
+            metric = key.split(",")[0]
+            assert values == [float(logged[d][metric]) for d in scores.docs[task]]
+
+
+def test_a_subset_of_documents_scores_like_an_evaluator_built_on_it(micro_zoo):
+    model, tok = _load(micro_zoo, "ft_reverse")
+    tasks = _tasks(micro_zoo)
+    names = [tasks["loglikelihood"], tasks["multiple_choice"], tasks["generate_until"]]
+    ev = Evaluator(model, tok, names, include_path=micro_zoo["task_dir"], limit=40)
+    full = ev.score()
+    subset = {names[0]: [3, 1, 4, 15], names[2]: [0, 2, 7, 9, 26]}
+    forwards = _Forwards(model)
+    try:
+        part = ev.score(subset)
+    finally:
+        forwards.handle.remove()
+    assert set(part.results) == set(subset)  # the task not named is not scored
+    ids = ev.doc_ids
+    alone = Evaluator(model, tok, list(subset), include_path=micro_zoo["task_dir"],
+                      samples={t: [ids[t][i] for i in pos] for t, pos in subset.items()}).score()
+    assert _metrics(part.results) == _metrics(alone.results)
+    for task, positions in subset.items():
+        assert part.docs[task] == [ids[task][i] for i in sorted(positions)]
+        for key, values in part.outcomes[task].items():
+            assert values == [full.outcomes[task][key][i] for i in sorted(positions)]
+    assert part.tokens < full.tokens / 4 and forwards.n > 0
+    assert _metrics(ev.score().results) == _metrics(full.results)  # the whole split again, unchanged
+    with pytest.raises(TaskError, match=r"task .*: subset positions must be in 0\.\.39"):
+        ev.score({names[0]: [40]})
+    with pytest.raises(TaskError, match="subset names task 'nope'"):
+        ev.score({"nope": [0]})
+
+
 def test_repeated_calls_are_identical_and_follow_weights_changed_in_place(micro_zoo):
     model, tok = _load(micro_zoo, "ft_increment")
     names = list(_tasks(micro_zoo).values())

@@ -280,6 +280,10 @@ class Scores:
     tokens: int = 0  # tokens the model read or generated on the fast paths during the call
     report: dict[str, Any] = dataclasses.field(repr=False, default_factory=dict)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per request type, "metrics"
+    # per document, for the metrics lm-eval averages over documents (acc, exact_match, ...):
+    # {task: {"acc,none": [value of each scored document]}}, in the order of ``docs``
+    outcomes: dict[str, dict[str, list[float]]] = dataclasses.field(repr=False, default_factory=dict)
+    docs: dict[str, list[int]] = dataclasses.field(repr=False, default_factory=dict)  # {task: dataset ids scored}
 
     def __getitem__(self, key: str) -> float:
         """``scores["task/acc,none"]`` (or ``"task/acc"`` for the unfiltered value)."""
@@ -542,36 +546,70 @@ class Evaluator:
 
     # ---------------------------------------------------------------- scoring
     @torch.inference_mode()
-    def score(self) -> Scores:
-        """Score the model's current weights: the model work and lm-eval's metrics, nothing else."""
+    def score(self, subset: Mapping[str, Sequence[int]] | None = None) -> Scores:
+        """Score the model's current weights: the model work and lm-eval's metrics, nothing else.
+
+        ``subset``: ``{task: positions}`` (0..n_docs-1, into the task's scored documents):
+        only their requests run and the metrics cover them only; a task not named is not
+        scored. None: every document."""
         t0 = time.perf_counter()
         self.lm.tokens = 0
+        chosen, requests = self._select(subset)
         with _quiet_lm_eval(), _seeded(self.device):
             for inst in self._instances:
                 inst.resps = []
                 inst.filtered_resps = {}
             timings = {}
-            for reqtype, reqs in self._requests.items():
+            for reqtype, reqs in requests.items():
                 t1 = time.perf_counter()
-                for x, req in zip(getattr(self.lm, reqtype)(reqs), reqs, strict=True):
+                for x, req in zip(getattr(self.lm, reqtype)(reqs) if reqs else [], reqs, strict=True):
                     req.resps.append(x)
                 timings[reqtype] = time.perf_counter() - t1
             t1 = time.perf_counter()
-            acc = {}
-            for name, task in self.tasks.items():
-                task.apply_filters()
+            acc, outcomes, docs = {}, {}, {}
+            for name, positions in chosen.items():
+                task, by_doc, all_docs = self.tasks[name], self._by_doc[name], self._docs[name]
+                scored = all_docs if positions is None else [all_docs[i] for i in positions]
+                if positions is None:
+                    task.apply_filters()
+                else:  # lm-eval's apply_filters, on the scored documents' instances only
+                    insts = [inst for doc_id, _ in scored for inst in by_doc[doc_id]]
+                    for f in getattr(task, "_filters", []):
+                        f.apply(insts)
                 raw: dict[tuple[str, str], list] = defaultdict(list)
-                by_doc = self._by_doc[name]
-                for filter_key in task.instances[0].filtered_resps:
-                    for doc_id, doc in self._docs[name]:
+                for filter_key in by_doc[scored[0][0]][0].filtered_resps:
+                    for doc_id, doc in scored:
                         reqs = by_doc[doc_id]
                         metrics = task.process_results(doc, [r.filtered_resps[filter_key] for r in reqs])
                         for metric, value in metrics.items():
                             raw[(metric, filter_key)].append(value)
                 acc[name] = {"task": task, "raw_metrics": raw, "logged_samples": []}
+                outcomes[name] = _per_document(task, raw)
+                ids = self.doc_ids[name]
+                docs[name] = ids if positions is None else [ids[i] for i in positions]
             report = _process_results(acc, self.groups, bootstrap_iters=0)._to_eval_results()
             timings["metrics"] = time.perf_counter() - t1
-        return Scores(report["results"], time.perf_counter() - t0, self.lm.tokens, report, timings)
+        return Scores(report["results"], time.perf_counter() - t0, self.lm.tokens, report, timings, outcomes, docs)
+
+    def _select(self, subset: Mapping[str, Sequence[int]] | None
+                ) -> tuple[dict[str, list[int] | None], dict[str, list]]:
+        """({task: sorted positions, or None for all}, {request type: the requests to run})."""
+        if subset is None:
+            return {name: None for name in self.tasks}, self._requests
+        chosen: dict[str, list[int] | None] = {}
+        for name, positions in subset.items():
+            if name not in self.tasks:
+                raise TaskError(f"subset names task {name!r}, which is not being evaluated "
+                                f"(tasks: {sorted(self.tasks)})")
+            n = len(self._docs[name])
+            picked = sorted({int(i) for i in positions})
+            if not picked or not 0 <= picked[0] <= picked[-1] < n:
+                raise TaskError(f"task {name!r}: subset positions must be in 0..{n - 1}, got "
+                                f"{picked[:3] if picked else 'none'}")
+            chosen[name] = picked
+        keep = {id(inst) for name, picked in chosen.items() for i in picked
+                for inst in self._by_doc[name][self._docs[name][i][0]]}
+        return chosen, {t: [r for r in reqs if id(r) in keep] for t, reqs in self._requests.items()}
 
     def lm_eval_report(self, scores: Scores, model_name: str = "") -> dict[str, Any]:
         """The results file ``lm_eval --output_path`` writes: results, configs, n-shot, ..."""
@@ -599,6 +637,23 @@ class Evaluator:
         }
         out["lm_eval_version"] = getattr(lm_eval, "__version__", None)
         return out
+
+
+_NUMBER = (bool, int, float, np.number, np.bool_)
+
+
+def _per_document(task, raw: Mapping[tuple[str, str], list]) -> dict[str, list[float]]:
+    """``{"metric,filter": [value per document]}`` for the metrics lm-eval aggregates by their
+    mean with numeric values per document (their mean is the reported metric); corpus-level
+    metrics (bleu, f1 over the corpus, ...) have no per-document value and are left out."""
+    from lm_eval.api.metrics import mean
+
+    aggregation = task.aggregation()
+    out = {}
+    for (metric, filter_key), values in raw.items():
+        if aggregation.get(metric) is mean and all(isinstance(v, _NUMBER) for v in values):
+            out[f"{metric},{filter_key}"] = [float(v) for v in values]
+    return out
 
 
 def _memoize_doc_fields(task, docs: list[Any]) -> None:
@@ -649,7 +704,7 @@ class PlanCache:
     """Request plans (token ids, batches) built once per request list, keyed by the requests'
     identity, which the cache holds alive; shared by both backends' lm-eval models."""
 
-    MAX_PLANS = 8
+    MAX_PLANS = 16  # the whole split and a few subsets (racing's stages) per request type
 
     def _plan(self, kind: str, requests: list, build) -> Any:
         key = (kind, len(requests), tuple(map(id, requests)))
