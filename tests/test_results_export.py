@@ -167,6 +167,34 @@ def test_report(run_dir, capsys):
     for png in ("convergence.png", "coefficients.png"):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| model |" in out and "ft_increment" in out
+    # every other row against the best, paired by held-out document
+    held = summary["best"]["heldout"]
+    for r in summary["heldout"]["rows"][1:]:
+        if r["name"].startswith("uniform task_arithmetic"):
+            assert "paired" not in r  # the zoo's table: numbers, no documents
+            continue
+        p = r["paired"]["scalar"]
+        assert p["low"] <= p["value"] <= p["high"] and p["n"] > 0
+        assert p["value"] == pytest.approx(held["scalar"] - r["scalar"], abs=1e-9)  # the table's numbers, paired
+        assert p["within_noise"] == (p["low"] <= 0 <= p["high"])
+    assert "best - this, 95% paired interval" in out
+
+
+def test_the_archive_keeps_each_trials_per_document_outcomes(run_dir):
+    with Archive.open(run_dir) as archive:
+        trials = archive.trials()
+        tasks = archive.info["tasks"]
+        for t in trials:
+            o = archive.outcomes(t.number)
+            if t.status != "complete":
+                assert o is None  # a duplicate points at its original; a failure scored nothing
+                continue
+            assert set(o["docs"]) == set(tasks)
+            for key, value in t.metrics.items():
+                task, metric = key.split("/", 1)
+                values = o["values"][task][metric]
+                assert len(values) == len(o["docs"][task])
+                assert sum(values) / len(values) == pytest.approx(value, abs=1e-12)
 
 
 def _micro_search(micro_zoo, run: Path, *overrides: str) -> Path:
@@ -189,6 +217,18 @@ def test_report_with_a_grid_searched_uniform_baseline(run_dir, micro_zoo, tmp_pa
     assert row["run_dir"] == str(uniform) and row["search_scalar"] == pytest.approx(base_best.scalar)
     assert Recipe.from_dict(row["recipe"]).key == base_best.recipe_key
     assert "search scalar" in capsys.readouterr().out
+    # comparing the two runs: the best run's best against the other run's and each source, paired
+    from fuse_evo.results.compare import compare_runs
+
+    summary = compare_runs([run_dir, uniform], out=tmp_path / "cmp", heldout=True)
+    against = [p["against"] for p in summary["paired"]]
+    loser = next(r["run"] for r in summary["runs"] if r["run"] != summary["paired"][0]["best"])
+    assert against[0] == f"run {loser}"
+    assert sorted(against[1:]) == ["source base", "source ft_increment", "source ft_reverse", "source ft_shift"]
+    for p in summary["paired"]:
+        assert p["scalar"]["low"] <= p["scalar"]["value"] <= p["scalar"]["high"]
+    assert "paired by document" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert all("outcomes" not in (r.get("heldout") or {}) for r in summary["runs"])
 
     other = _micro_search(micro_zoo, tmp_path / "other", "space=ta_uniform", "strategy=grid",
                           "evaluator.objectives=[{name:increment,metric:zoo_increment_search/acc}]")

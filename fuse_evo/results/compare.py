@@ -22,7 +22,8 @@ from ..errors import FuseEvoError
 from ..search import pareto
 from ..search.archive import CONFIG_FILE, Archive, Trial, loss_points
 from . import plots
-from .heldout import HeldOutMerge, heldout_spread
+from ..evaluate.outcomes import Difference
+from .heldout import HeldOutMerge, heldout_spread, paired_difference
 
 THRESHOLD = 0.95
 
@@ -144,6 +145,7 @@ def compare_runs(paths: Sequence[str | Path], out: str | Path | None = None, hel
 
     sources_rows: list[dict[str, Any]] = []
     labels: list[str] = []  # what each run's held-out scores are (a search split without a held-out set)
+    plans: dict[str, Any] = {}  # run -> its held-out plan
     if heldout:
         lives: dict[str, Any] = {}
         for r in rows:
@@ -156,9 +158,9 @@ def compare_runs(paths: Sequence[str | Path], out: str | Path | None = None, hel
                     live = lives[key] = HeldOutMerge(archive, device=device)
                     for source in live.sources:
                         live.load(live.source_recipe(source))
-                        sources_rows.append({"model": source, **live.heldout()})
+                        sources_rows.append({"model": source, "models": key, **live.heldout()})
                 live.load(archive.trial(r["best_trial"]).to_recipe())
-                r["heldout"] = live.heldout()
+                r["heldout"], r["models"], plans[r["run"]] = live.heldout(), key, live.plan
                 labels.append(live.plan.label)
                 if reference is not None and front_heldout and r["front"]:
                     held = [h for _, h in heldout_spread(live, r["front"], directions, front_heldout)]
@@ -180,12 +182,35 @@ def compare_runs(paths: Sequence[str | Path], out: str | Path | None = None, hel
                               out / "compare_fronts.png", [reference[n] for n in names])
             figures.append(("Fronts (search split)", "compare_fronts.png"))
 
+    paired = _paired(rows, sources_rows, infos, plans)
+    for h in [*(r.get("heldout") or {} for r in rows), *sources_rows]:  # outcomes served the pairing only
+        h.pop("outcomes", None)
     summary = _summarize(rows, names, threshold, reference, sources_rows, out, labels)
+    summary["paired"] = paired
     text = _markdown(summary, names, figures)
     (out / "compare.md").write_text(text)
     (out / "compare.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
     summary["text"] = text
     return summary
+
+
+def _paired(rows: list[dict[str, Any]], sources_rows: list[dict[str, Any]], infos: dict[str, Any],
+            plans: dict[str, Any]) -> list[dict[str, Any]]:
+    """The best run's best against every other run's best and every source model over the same
+    models and tasks: the held-out difference of the scalar, paired by document, with its 95%
+    bootstrap interval."""
+    held = [r for r in rows if r.get("heldout") and r.get("best_scalar") is not None]
+    if not held:
+        return []
+    top = max(held, key=lambda r: r["best_scalar"])
+    others = [(f"run {r['run']}", r["heldout"]) for r in held if r is not top and r["models"] == top["models"]]
+    others += [(f"source {s['model']}", s) for s in sources_rows if s["models"] == top["models"]]
+    out = []
+    for name, h in others:
+        diff = paired_difference(infos[top["run"]], plans[top["run"]], top["heldout"], h)
+        if diff is not None:
+            out.append({"best": top["run"], "against": name, **diff})
+    return out
 
 
 def _shared_reference(rows: list[dict[str, Any]], names: list[str], directions: dict[str, str]) -> dict[str, float]:
@@ -295,6 +320,13 @@ def _markdown(summary: dict[str, Any], names: list[str], figures: list[tuple[str
         for s in summary["sources_heldout"]:
             lines.append(f"| {s['model']} | " + " | ".join(_fmt(s["objectives"].get(n)) for n in names)
                          + f" | {_fmt(s['scalar'])} |")
+    if summary.get("paired"):
+        lines += ["", f"## The best against the others, {held}, paired by document", "",
+                  f"Run `{summary['paired'][0]['best']}`'s best minus each: the scalar's difference with its 95% "
+                  "paired-bootstrap interval (\"within noise\" when it covers 0).", "",
+                  "| against | difference [95% interval] |", "| --- | --- |"]
+        for p in summary["paired"]:
+            lines.append(f"| {p['against']} | {Difference.from_dict(p['scalar']).text()} |")
     lines += ["", "## Figures", ""] + [f"![{t}]({png})" for t, png in figures]
     return "\n".join(lines) + "\n"
 

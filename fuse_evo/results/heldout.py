@@ -18,6 +18,7 @@ from typing import Any
 from ..device import check_device
 from ..errors import FuseEvoError
 from ..evaluate.objectives import parse_metric, scalar_of
+from ..evaluate.outcomes import aligned, outcomes_of, paired_bootstrap
 from ..merge.live import LiveMerge
 from ..models import ModelPool
 from ..recipe import Recipe
@@ -154,9 +155,35 @@ class HeldOutMerge(LiveMerge):
                 self.live, self.tokenizer, p.tasks, include_path=p.include_path or None, limit=p.limit,
                 limits={k: v for k, v in p.limits.items() if k in p.tasks}, num_fewshot=p.num_fewshot,
                 batch_size=p.batch_size, split=split)
-        metrics = evaluator.score().flat()
+        scores = evaluator.score()
+        metrics = scores.flat()
         objectives = heldout_objectives(self.info, self.plan, metrics)
-        return {"metrics": metrics, "objectives": objectives, "scalar": scalar_of(self.info, objectives)}
+        return {"metrics": metrics, "objectives": objectives, "scalar": scalar_of(self.info, objectives),
+                "outcomes": outcomes_of(scores)}
+
+
+def paired_difference(info: dict[str, Any], plan: HeldOut, a: dict[str, Any], b: dict[str, Any],
+                      iters: int = 10_000) -> dict[str, Any] | None:
+    """``a - b`` on the held-out documents (``a``, ``b``: ``HeldOutMerge.heldout()`` results),
+    paired document by document: per metric objective and for the run's scalar (weights and
+    directions), each with a 95% paired-bootstrap interval (``Difference.to_dict``); None when
+    either side has no per-document outcomes or the run has no metric objective."""
+    if not a.get("outcomes") or not b.get("outcomes"):
+        return None
+    pairs, weights = {}, {}
+    for o in info.get("objectives") or []:
+        if not o.get("metric"):
+            continue
+        task, metric = parse_metric(o["metric"], "objective")
+        task = plan.rename.get(task, task)
+        if metric not in a["outcomes"]["values"].get(task, {}):
+            return None  # a corpus-level metric: no per-document values to pair
+        pairs[o["name"]] = aligned(a["outcomes"], b["outcomes"], task, metric)
+        weights[o["name"]] = float(o["weight"]) * (1.0 if o["direction"] == "max" else -1.0)
+    if not pairs:
+        return None
+    per, scalar = paired_bootstrap(pairs, weights, iters=iters)
+    return {"objectives": {k: d.to_dict() for k, d in per.items()}, "scalar": scalar.to_dict()}
 
 
 def heldout_spread(live: HeldOutMerge, front: list[Trial], directions: dict[str, str], k: int

@@ -29,6 +29,7 @@ from typing import Any
 from ..errors import FuseEvoError
 from ..files import atomic_write
 from ..evaluate.objectives import scalar_of
+from ..evaluate.outcomes import Difference
 from ..registry import PER_MODEL_PARAMS
 from ..recipe import LayerPath, TensorGroup
 from ..search import pareto
@@ -36,7 +37,7 @@ from ..search.archive import CONFIG_FILE, Archive, Trial, scored
 from ..search.rundir import SCAN_STAGE, STAGES_DIR
 from . import plots
 from .compare import compare_runs
-from .heldout import HeldOutMerge, heldout_plan, heldout_spread
+from .heldout import HeldOutMerge, heldout_plan, heldout_spread, paired_difference
 
 REPORT_DIR = "report"
 
@@ -96,12 +97,17 @@ def _table(rows: list[dict[str, Any]], names: list[str], label: str) -> str:
     def number(value: float | None) -> str:
         return "-" if value is None else f"{value:.4f}"
 
-    lines = ["| model | " + " | ".join(names) + f" | {label} scalar | search scalar |",
-             "| --- |" + " --- |" * (len(names) + 2)]
+    paired = any(r.get("paired") for r in rows)
+    lines = ["| model | " + " | ".join(names) + f" | {label} scalar | search scalar |"
+             + (" best - this, 95% paired interval |" if paired else ""),
+             "| --- |" + " --- |" * (len(names) + 2 + paired)]
     for r in rows:
         cells = [number(r["objectives"].get(n)) for n in names]
+        diff = r.get("paired")
         lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {number(r.get('scalar'))} | "
-                     f"{number(r.get('search_scalar'))} |")
+                     f"{number(r.get('search_scalar'))} |"
+                     + ((f" {Difference.from_dict(diff['scalar']).text()} |" if diff else " - |")
+                        if paired else ""))
     return "\n".join(lines)
 
 
@@ -262,16 +268,23 @@ def make_report(run_dir: str | Path, heldout: bool = True, device: str | None = 
                 for name in live.sources:
                     live.load(live.source_recipe(name))
                     rows.append({"name": name, **live.heldout()})
+                plan = heldout_plan(archive)
+                for r in rows[1:]:  # each against the best, document by document
+                    r["paired"] = paired_difference(info, plan, h, r)
                 uniform, note = _uniform_row(info, names)
                 if uniform is not None:
                     uniform["scalar"] = scalar_of(info, uniform["objectives"])
                     rows.append(uniform)
                 if note:
                     summary["notes"].append(note)
-                summary["heldout"] = {"how": heldout_plan(archive).to_dict(),
+                summary["heldout"] = {"how": plan.to_dict(),
                                       "rows": [{k: r[k] for k in ("name", "objectives", "scalar", "search_scalar",
-                                                                  "run_dir", "recipe") if r.get(k) is not None}
-                                               for r in rows]}
+                                                                  "run_dir", "recipe", "paired")
+                                                if r.get(k) is not None} for r in rows]}
+                noise = [r["name"] for r in rows if (r.get("paired") or {}).get("scalar", {}).get("within_noise")]
+                if noise:
+                    summary["notes"].append(f"the best is within noise of {', '.join(noise)}: the 95% paired interval "
+                                            f"of the {plan.label} difference covers 0")
             else:
                 summary["notes"].append("held-out scoring skipped (--no-heldout)")
     how = (summary.get("heldout") or {}).get("how") or {}

@@ -11,7 +11,8 @@ Tables, prefixed ``fe_`` so an Optuna study (the dashboard mirror) can share the
   ``failed``, or ``duplicate``: a recipe scored before, told the earlier result without a new
   evaluation), genome, recipe (as a dict), recipe key, metrics, objective values, losses, the
   scalar objective (larger is better), the error of a failure, the recipe's seed, the worker,
-  start/finish times, timings, and attempts (more than 1: its worker died and it was retried).
+  start/finish times, timings, attempts (more than 1: its worker died and it was retried), and
+  each scored document's outcome per metric, compressed (``Archive.outcomes``).
 - ``fe_asks``: one row per candidate the strategy proposed, committed before it is dispatched:
   its id, genome, and how many tells came before it. With ``fe_trials`` (the tells, in
   ``number`` order) this is the strategy's whole history: resume replays it into a fresh,
@@ -38,6 +39,7 @@ import yaml
 from ..errors import FuseEvoError
 from ..files import read_yaml_mapping
 from ..evaluate.objectives import default_reference
+from ..evaluate.outcomes import pack, unpack
 from ..recipe import Candidate, candidate_from_dict
 from . import pareto
 
@@ -75,6 +77,7 @@ _trials = sa.Table(
     sa.Column("finished", sa.Float, nullable=False),
     sa.Column("timings", sa.Text, nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("outcomes", sa.LargeBinary, nullable=True),  # per-document outcomes (evaluate/outcomes.py: pack)
     sa.UniqueConstraint("run_id", "candidate_id", name="fe_trials_candidate"),
     sa.Index("fe_trials_recipe_key", "run_id", "recipe_key"),
 )
@@ -338,8 +341,9 @@ class Archive:
         return row
 
     # ------------------------------------------------------------------ writing
-    def record(self, trial: Trial) -> Trial:
-        """Append one evaluation in one transaction; its ``number`` is assigned here."""
+    def record(self, trial: Trial, outcomes: Mapping[str, Any] | None = None) -> Trial:
+        """Append one evaluation in one transaction; its ``number`` is assigned here.
+        ``outcomes``: its per-document outcomes (``evaluate.outcomes``), stored compressed."""
         if trial.status not in STATUSES:
             raise ValueError(f"trial status {trial.status!r}: not one of {STATUSES}")
         with self._connect(write=True) as c:
@@ -355,9 +359,16 @@ class Archive:
                 scalar=None if trial.scalar is None or not math.isfinite(trial.scalar) else float(trial.scalar),
                 error=trial.error, seed=int(trial.seed), duplicate_of=trial.duplicate_of, worker=trial.worker,
                 started=trial.started, finished=trial.finished, timings=_dumps(trial.timings),
-                attempts=int(trial.attempts),
+                attempts=int(trial.attempts), outcomes=None if outcomes is None else pack(outcomes),
             ))
         return trial
+
+    def outcomes(self, number: int) -> dict[str, Any] | None:
+        """Trial ``number``'s per-document outcomes (``{"docs": ..., "values": ...}``), or None
+        where none were recorded (a failure, a duplicate, an archive older than them)."""
+        query = sa.select(_trials.c.outcomes).where(_trials.c.run_id == self.run_id, _trials.c.number == int(number))
+        with self._connect() as c:
+            return unpack(c.execute(query).scalar())
 
     def record_ask(self, candidate_id: int, genome: Sequence[float], after_tells: int) -> None:
         """Archive one ask (before its candidate is dispatched), so a resume can replay it."""

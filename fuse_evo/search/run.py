@@ -254,7 +254,7 @@ class Search:
         if trial.objectives and status != "failed":
             trial.losses = self._losses(trial.objectives)
             trial.scalar = self.objectives.scalar(trial.objectives)
-        self.archive.record(trial)
+        self.archive.record(trial, outcomes=result.outcomes if result is not None else None)
         self._tell(candidate, trial)
         if self.mirror is not None:
             try:

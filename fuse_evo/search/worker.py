@@ -74,6 +74,7 @@ class Result:
     finished: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     attempts: int = 1  # > 1: its worker died and it was retried on a restarted one
+    outcomes: dict[str, Any] | None = None  # per-document outcomes (evaluate/outcomes.py)
 
 
 class Worker:
@@ -125,6 +126,7 @@ class Worker:
         import torch
 
         from ..evaluate.objectives import measure_costs
+        from ..evaluate.outcomes import outcomes_of
         from ..merge.dataflow import plain_parameter_count
 
         started = time.time()
@@ -141,6 +143,7 @@ class Worker:
             timings["score"] = time.perf_counter() - t1
             timings.update({f"score.{k}": v for k, v in scores.timings.items()})
             result.metrics = scores.flat()
+            result.outcomes = outcomes_of(scores)
             costs = None
             if any(o.cost for o in self.objectives):
                 costs = measure_costs(model, scores)
