@@ -145,6 +145,22 @@ VLLM_INSTALL = ("pip install 'fuse_evo[vllm]' on a GPU machine; on a CPU pip ins
 
 
 @dataclass
+class RaceConfig:
+    """``evaluator.fidelity=race``: every candidate is scored on nested, seeded subsets of
+    each task's documents (``stages``: fractions, the last 1; the same subsets for every
+    candidate, so comparisons are paired) and stops after a stage as soon as the one-sided
+    ``confidence`` bound of its difference says it cannot beat the incumbent (one objective),
+    or that one front member beats it on every objective (several)."""
+
+    stages: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])
+    confidence: float = 0.99
+    seed: int = 0
+
+
+FIDELITIES = ("full", "race")
+
+
+@dataclass
 class EvaluatorConfig:
     """What a worker's Evaluator scores, and how its numbers become objectives.
 
@@ -167,6 +183,8 @@ class EvaluatorConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     backend: str = "hf"  # hf: the live torch model through HFLM; vllm: a vLLM engine per worker
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    fidelity: str = "full"  # full: every document of every candidate; race: see RaceConfig
+    race: RaceConfig = field(default_factory=RaceConfig)
 
 
 def check_backend(cfg: EvaluatorConfig, prefix: str = "evaluator", option: str | None = None) -> None:
@@ -188,6 +206,20 @@ def check_backend(cfg: EvaluatorConfig, prefix: str = "evaluator", option: str |
 
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError(f"{option}=vllm: vllm is not installed here ({VLLM_INSTALL})")
+
+
+def check_fidelity(cfg: EvaluatorConfig, prefix: str = "evaluator") -> None:
+    """``fidelity`` is one of ``FIDELITIES``; racing's stages increase to 1 and its confidence
+    is a one-sided level in [0.5, 1)."""
+    if cfg.fidelity not in FIDELITIES:
+        raise ConfigError(f"{prefix}.fidelity: {cfg.fidelity!r} is not one of {', '.join(FIDELITIES)}")
+    stages = [float(f) for f in cfg.race.stages]
+    if not stages or stages[-1] != 1.0 or any(not 0 < f <= 1 for f in stages) \
+            or any(b <= a for a, b in zip(stages, stages[1:])):
+        raise ConfigError(f"{prefix}.race.stages: {stages}: increasing fractions of the documents in (0, 1], "
+                          "the last 1 (every document)")
+    if not 0.5 <= float(cfg.race.confidence) < 1:
+        raise ConfigError(f"{prefix}.race.confidence: must be in [0.5, 1), got {cfg.race.confidence}")
 
 
 def check_limits(cfg: EvaluatorConfig, prefix: str = "evaluator") -> None:

@@ -126,6 +126,10 @@ def test_cuda_without_cuda_is_refused_before_anything_loads(micro_zoo, small_run
     ("run.budget=-5", "run.budget: must be at least 1, got -5"),
     ("evaluator.limit=0", "evaluator.limit: must be > 0"),
     ("run.threads=0", "run.threads: must be at least 1, got 0"),
+    ("evaluator.fidelity=fast", "evaluator.fidelity: 'fast' is not one of full, race"),
+    ("evaluator.race.stages=[0.5,0.25,1]", r"evaluator.race.stages: \[0.5, 0.25, 1.0\]: increasing fractions"),
+    ("evaluator.race.stages=[0.5]", "evaluator.race.stages: .* the last 1"),
+    ("evaluator.race.confidence=1", r"evaluator.race.confidence: must be in \[0.5, 1\), got 1"),
 ])
 def test_plan_values_are_checked_before_the_run_dir_exists(micro_zoo, tmp_path, override, message):
     with pytest.raises(FuseEvoError, match=message):

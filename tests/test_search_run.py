@@ -65,7 +65,8 @@ def check_archive(run_dir: Path, budget: int) -> Archive:
         assert t.scalar == pytest.approx(sum(t.objectives.values()) / 3)
         assert t.losses == [pytest.approx(-t.scalar)]
         assert t.to_recipe().key == t.recipe_key and t.to_recipe().method == info["method"]
-        assert t.metrics[f"zoo_{SKILLS[0]}_search/acc,none"] == t.objectives[SKILLS[0]]
+        if t.fidelity == 1.0:  # a raced-out trial's objectives are full-split estimates, its metrics its documents'
+            assert t.metrics[f"zoo_{SKILLS[0]}_search/acc,none"] == t.objectives[SKILLS[0]]
         assert t.finished >= t.started
     return archive
 
@@ -333,3 +334,64 @@ def test_a_cache_owned_by_another_user_is_not_unpickled_without_trust(micro_zoo,
     assert result.resumed and result.evaluations == 4
     assert "a pickle owned by uid 12345 (run.trust_checkpoint=true)" in caplog.text
     assert "strategy restored from its cache" in caplog.text
+
+
+# ---------------------------------------------------------------------------- racing
+def _race_worker(micro_zoo, tmp_path):
+    from fuse_evo.search.plan import make_plan
+    from fuse_evo.search.worker import Worker
+
+    cmd = command(micro_zoo, tmp_path / "race", "evaluator.fidelity=race", "evaluator.limit=40")
+    return Worker(make_plan(cmd, "race", cmd.cluster, None).worker)
+
+
+def test_racing_stops_the_hopeless_at_its_first_stage_and_lets_a_contender_finish(micro_zoo, tmp_path):
+    from fuse_evo.recipe import Recipe
+    from fuse_evo.search.worker import Job
+
+    worker = _race_worker(micro_zoo, tmp_path)
+    models = tuple(worker.spec.sources)
+
+    def merge(weight):
+        return Recipe("task_arithmetic", models, base=worker.spec.base_name,
+                      groups={"*": {m: {"weight": weight} for m in models}})
+
+    full = sum(worker.evaluator.n_docs.values())
+    good = worker.run(Job(0, merge(0.4)))  # no reference yet: every document
+    assert good.status == "complete" and good.fidelity == 1.0 and good.documents == full
+    reference = {"objectives": good.objectives, "outcomes": good.outcomes}
+    first = sum(len(p) for p in worker.stages[0].values())
+    bad = worker.run(Job(1, merge(4.0), references=[reference]))  # four times each task vector: broken
+    assert bad.status == "complete" and bad.documents == first and bad.fidelity == pytest.approx(first / full)
+    # told the full split's estimate, paired with the incumbent: below it
+    assert all(bad.objectives[n] < good.objectives[n] for n in good.objectives)
+    assert sum(bad.objectives.values()) < sum(good.objectives.values())
+    # a candidate as good as the incumbent (itself) is never stopped, nor one racing a weaker one
+    assert worker.run(Job(2, merge(0.4), references=[reference])).fidelity == 1.0
+    weak = {"objectives": bad.objectives, "outcomes": bad.outcomes}
+    again = worker.run(Job(3, merge(0.4), references=[weak]))
+    assert again.fidelity == 1.0 and again.objectives == good.objectives
+
+
+def _check_raced_archive(run_dir, budget):
+    archive = check_archive(run_dir, budget)
+    trials = archive.trials("complete")
+    assert any(t.fidelity < 1 for t in trials), [t.fidelity for t in trials]  # some were stopped early
+    best = archive.best()
+    assert best.fidelity == 1.0  # a stopped candidate's estimate never passes the incumbent it lost to
+    full = max(t.documents for t in trials)
+    assert sum(t.documents for t in trials) < len(trials) * full
+    return archive
+
+
+def test_a_raced_search_resumes_after_sigkill(micro_zoo, tmp_path):
+    budget = 16
+    run_dir = tmp_path / "raced"
+    args = ["experiment=micro", f"models.zoo.out_dir={zoo_dir(micro_zoo)}", f"run.dir={run_dir}",
+            f"run.budget={budget}", "space.scan=0", "strategy=random", "evaluator.fidelity=race",
+            "evaluator.limit=40"]
+    trials = kill_and_resume(args, run_dir, budget, kill_after=5, check=_check_raced_archive)
+    straight = run_search(compose_command("search", [*args[:2], f"run.dir={tmp_path / 'straight'}", *args[3:]]))
+    reference = Archive.open(straight.run_dir).trials()
+    assert [(t.genome, t.scalar, t.fidelity) for t in trials] == [(t.genome, t.scalar, t.fidelity) for t in reference]
+

@@ -301,6 +301,27 @@ class Scores:
         return {f"{t}/{k}": float(row[k]) for t, row in self.results.items() for k in metric_keys(row)}
 
 
+def combine_scores(parts: Sequence[Scores]) -> Scores:
+    """Scores of disjoint document subsets of the same tasks (racing's stages) as one: each
+    task's outcomes concatenated and every per-document metric their mean (what lm-eval
+    reports for them on those documents); seconds, tokens and timings summed. Metrics without
+    per-document values cannot be combined and are left out."""
+    outcomes: dict[str, dict[str, list[float]]] = {}
+    docs: dict[str, list[int]] = {}
+    timings: dict[str, float] = defaultdict(float)
+    for part in parts:
+        for task, row in part.outcomes.items():
+            mine = outcomes.setdefault(task, {})
+            for key, values in row.items():
+                mine.setdefault(key, []).extend(values)
+            docs.setdefault(task, []).extend(part.docs[task])
+        for k, v in part.timings.items():
+            timings[k] += v
+    results = {task: {key: sum(v) / len(v) for key, v in row.items()} for task, row in outcomes.items()}
+    return Scores(results, sum(p.seconds for p in parts), sum(p.tokens for p in parts), {}, dict(timings),
+                  outcomes, docs)
+
+
 def metric_keys(row: Mapping[str, Any]) -> list[str]:
     return [
         k for k, v in row.items()
@@ -538,6 +559,14 @@ class Evaluator:
             filters = [getattr(f, "name", "none") for f in getattr(task, "_filters", [])] or ["none"]
             out[name] = [f"{m},{f}" for f in filters for m in task.aggregation()]
         return out
+
+    def averaged_metrics(self) -> dict[str, list[str]]:
+        """``{task: ["acc,none", ...]}``: the metrics lm-eval averages over documents, which
+        have per-document outcomes (``Scores.outcomes``)."""
+        from lm_eval.api.metrics import mean
+
+        return {task: [k for k in keys if self.tasks[task].aggregation().get(k.split(",")[0]) is mean]
+                for task, keys in self.metric_names().items()}
 
     def token_sequences(self) -> list[list[int]]:
         """What the model reads per call: every distinct loglikelihood input, and every

@@ -12,7 +12,9 @@ Tables, prefixed ``fe_`` so an Optuna study (the dashboard mirror) can share the
   evaluation), genome, recipe (as a dict), recipe key, metrics, objective values, losses, the
   scalar objective (larger is better), the error of a failure, the recipe's seed, the worker,
   start/finish times, timings, attempts (more than 1: its worker died and it was retried), and
-  each scored document's outcome per metric, compressed (``Archive.outcomes``).
+  each scored document's outcome per metric, compressed (``Archive.outcomes``), and the
+  fidelity (the fraction of the search split's documents scored: below 1 when racing
+  stopped the candidate early) with the documents scored.
 - ``fe_asks``: one row per candidate the strategy proposed, committed before it is dispatched:
   its id, genome, and how many tells came before it. With ``fe_trials`` (the tells, in
   ``number`` order) this is the strategy's whole history: resume replays it into a fresh,
@@ -78,6 +80,8 @@ _trials = sa.Table(
     sa.Column("timings", sa.Text, nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="1"),
     sa.Column("outcomes", sa.LargeBinary, nullable=True),  # per-document outcomes (evaluate/outcomes.py: pack)
+    sa.Column("fidelity", sa.Float, nullable=True),  # the fraction of the search split scored (None: all, an older archive)
+    sa.Column("documents", sa.Integer, nullable=True),  # documents scored
     sa.UniqueConstraint("run_id", "candidate_id", name="fe_trials_candidate"),
     sa.Index("fe_trials_recipe_key", "run_id", "recipe_key"),
 )
@@ -143,6 +147,8 @@ class Trial:
     finished: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     attempts: int = 1
+    fidelity: float = 1.0  # the fraction of the search split's documents scored (racing: < 1 when stopped)
+    documents: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -170,7 +176,7 @@ def _row_to_trial(row: Any) -> Trial:
         losses=None if m["losses"] is None else json.loads(m["losses"]),
         scalar=m["scalar"], error=m["error"], seed=m["seed"], duplicate_of=m["duplicate_of"],
         worker=m["worker"], started=m["started"], finished=m["finished"], timings=json.loads(m["timings"]),
-        attempts=m["attempts"],
+        attempts=m["attempts"], fidelity=1.0 if m["fidelity"] is None else m["fidelity"], documents=m["documents"],
     )
 
 
@@ -360,6 +366,7 @@ class Archive:
                 error=trial.error, seed=int(trial.seed), duplicate_of=trial.duplicate_of, worker=trial.worker,
                 started=trial.started, finished=trial.finished, timings=_dumps(trial.timings),
                 attempts=int(trial.attempts), outcomes=None if outcomes is None else pack(outcomes),
+                fidelity=float(trial.fidelity), documents=trial.documents,
             ))
         return trial
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import (RESUME_SAFE, ClusterConfig, DataFlowSpaceConfig, ModelsConfig, ObjectiveConfig, SearchCommand,
-                      StrategyConfig, check_backend, check_heldout, check_limits, to_yaml)
+                      StrategyConfig, check_backend, check_fidelity, check_heldout, check_limits, to_yaml)
 from ..device import check_device
 from ..errors import ConfigError, FuseEvoError
 from ..evaluate.objectives import Objectives, default_objectives
@@ -114,6 +114,7 @@ def check_plan(cmd: SearchCommand) -> None:
     check_limits(cmd.evaluator)
     check_heldout(cmd.evaluator)
     check_backend(cmd.evaluator)
+    check_fidelity(cmd.evaluator)
     check_cluster(cmd.cluster)
     if cmd.cluster.backend == "serial" or not cmd.cluster.address:  # a joined cluster's GPUs are on its nodes
         check_device(cmd.run.device, "run.device")

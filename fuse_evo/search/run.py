@@ -128,6 +128,7 @@ class Search:
         self._restore_strategy()
 
         self.mirror = None
+        self._outcomes: dict[int, Any] = {}  # trial number -> per-document outcomes, for racing's references
         if cmd.run.dashboard:
             directions = [(o.name, o.direction) for o in self.objectives] if self.strategy.multi_objective else None
             with schema_lock(self.archive.engine):  # Optuna's tables: one creator at a time on a shared database
@@ -245,10 +246,10 @@ class Search:
             trial.metrics, trial.objectives, trial.error = result.metrics, result.objectives, result.error
             trial.worker, trial.started, trial.finished, trial.timings = (result.worker, result.started,
                                                                            result.finished, result.timings)
-            trial.attempts = result.attempts
+            trial.attempts, trial.fidelity, trial.documents = result.attempts, result.fidelity, result.documents
         elif original is not None:
             trial.metrics, trial.objectives, trial.error = original.metrics, original.objectives, original.error
-            trial.duplicate_of = original.number
+            trial.duplicate_of, trial.fidelity, trial.documents = original.number, original.fidelity, 0
             if original.status == "failed" or (original.status == "duplicate" and not original.ok):
                 trial.objectives = {}
         if trial.objectives and status != "failed":
@@ -386,7 +387,7 @@ class Search:
                         held.setdefault(recipe.key, []).append(candidate)
                         continue
                     in_flight[candidate.id] = (candidate, recipe)
-                    scheduler.submit(Job(candidate.id, recipe))
+                    scheduler.submit(Job(candidate.id, recipe, *self._race_references()))
                 if not in_flight:
                     continue
                 for result in scheduler.wait():
@@ -406,6 +407,26 @@ class Search:
                  f"; {self._front_text()}" if self.front is not None else "")
         return self._result(done, already_done=False)
 
+    def _race_references(self) -> tuple[list[dict[str, Any]], str]:
+        """What the next candidate races against (``evaluator.fidelity=race``): the best trial
+        scored on the whole split (one scalar), or the front's members scored on the whole
+        split (a multi-objective strategy); with their per-document outcomes, from the archive."""
+        if self.cmd.evaluator.fidelity != "race":
+            return [], "scalar"
+        mode = "front" if self.strategy.multi_objective else "scalar"
+        if mode == "front":
+            members = [t for t in self.archive.pareto_front() if t.fidelity == 1.0]
+        else:
+            full = [t for t in self.archive.trials("complete") if t.fidelity == 1.0 and t.scalar is not None]
+            members = [max(full, key=lambda t: (t.scalar, -t.number))] if full else []
+        refs = []
+        for t in members:
+            if t.number not in self._outcomes:
+                self._outcomes[t.number] = self.archive.outcomes(t.number)
+            if self._outcomes[t.number] is not None:
+                refs.append({"objectives": t.objectives, "outcomes": self._outcomes[t.number]})
+        return refs, mode
+
     def _result(self, done: int, already_done: bool, message: str | None = None) -> SearchResult:
         return SearchResult(self.run_dir, self.run_id, done, self.budget, self.archive.best(), self.resumed, already_done,
                             self._front_text() or None)
@@ -418,6 +439,7 @@ def _trial_line(trial: Trial) -> str:
         trial.number, trial.candidate_id, trial.status,
         f" of trial {trial.duplicate_of}" if trial.duplicate_of is not None else "",
         f" scalar {trial.scalar:.4f} {json.dumps({k: round(v, 4) for k, v in trial.objectives.items()})}"
+        + (f" (raced out after {trial.documents} documents: an estimate)" if trial.fidelity < 1 else "")
         if trial.scalar is not None else "",
         (f" merge {t.get('merge', 0):.3f}s score {t.get('score', 0):.3f}s" if t else "")
         + (f": {trial.error}" if trial.error else ""),

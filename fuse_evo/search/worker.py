@@ -53,6 +53,11 @@ class Job:
 
     candidate_id: int
     candidate: Candidate
+    # evaluator.fidelity=race: what the candidate races against, each {"objectives": values,
+    # "outcomes": per-document outcomes on the whole search split}; "scalar": the incumbent
+    # (the weighted sum decides), "front": the front's members (beaten on every objective)
+    references: list[dict[str, Any]] = field(default_factory=list)
+    race_mode: str = "scalar"
 
     @property
     def key(self) -> str:
@@ -75,6 +80,8 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     attempts: int = 1  # > 1: its worker died and it was retried on a restarted one
     outcomes: dict[str, Any] | None = None  # per-document outcomes (evaluate/outcomes.py)
+    fidelity: float = 1.0  # the fraction of the search split's documents scored (racing stops early)
+    documents: int = 0  # documents scored
 
 
 class Worker:
@@ -117,6 +124,19 @@ class Worker:
                                                device=str(self.merge.device))
         self.evaluator = Evaluator.from_config(self.vllm or self.merge.live, self.merge.tokenizer, spec.evaluator)
         self.objectives.check_tasks(self.evaluator.metric_names())
+        self.stages: list[dict[str, list[int]]] | None = None  # evaluator.fidelity=race: the documents each stage adds
+        if spec.evaluator.fidelity == "race":
+            from statistics import NormalDist
+
+            from ..evaluate.outcomes import race_stages
+
+            averaged = self.evaluator.averaged_metrics()
+            for o in self.objectives:
+                if o.task is not None and o.metric not in averaged.get(o.task, []):
+                    raise FuseEvoError(f"evaluator.fidelity=race: objective {o.name!r} ({o.key}) has no per-document "
+                                       "values (lm-eval does not average it over documents): racing needs them")
+            self.stages = race_stages(self.evaluator.n_docs, spec.evaluator.race.stages, spec.evaluator.race.seed)
+            self.z = NormalDist().inv_cdf(float(spec.evaluator.race.confidence))
         self.name = f"{socket.gethostname()}:{os.getpid()}:{self.merge.device}"
         self.build_seconds = time.perf_counter() - t0
         log.info("worker %s ready in %.1f s (%d source models, %d tasks)", self.name, self.build_seconds,
@@ -139,17 +159,25 @@ class Worker:
             if self.vllm is not None:
                 timings["weights"] = self.vllm.write_model(model)
             t1 = time.perf_counter()
-            scores = self.evaluator.score()
+
+            def costs_of(scores):
+                if not any(o.cost for o in self.objectives):
+                    return None
+                costs = measure_costs(model, scores)
+                if isinstance(job.candidate, LayerPath):  # what the exported plain model holds: a copy of each step's layer
+                    costs["params"] = float(plain_parameter_count(job.candidate, self.merge.router.models))
+                return costs
+
+            scores, costs, beaten_by = self._score(job, costs_of)
             timings["score"] = time.perf_counter() - t1
             timings.update({f"score.{k}": v for k, v in scores.timings.items()})
             result.metrics = scores.flat()
             result.outcomes = outcomes_of(scores)
-            costs = None
-            if any(o.cost for o in self.objectives):
-                costs = measure_costs(model, scores)
-                if isinstance(job.candidate, LayerPath):  # what the exported plain model holds: a copy of each step's layer
-                    costs["params"] = float(plain_parameter_count(job.candidate, self.merge.router.models))
+            result.documents = sum(len(ids) for ids in scores.docs.values())
+            result.fidelity = result.documents / max(sum(self.evaluator.n_docs.values()), 1)
             result.objectives = self.objectives.values(scores, costs)
+            if beaten_by is not None:  # stopped early: the full split's estimate, paired with what beat it
+                result.objectives.update(self._paired_estimate(result.outcomes, beaten_by))
             bad = [f"{n} = {v}" for n, v in result.objectives.items() if not math.isfinite(v)]
             if bad:
                 result.error = f"non-finite objective: {', '.join(bad)}"
@@ -164,3 +192,64 @@ class Worker:
         result.timings = timings
         result.finished = time.time()
         return result
+
+    # ---------------------------------------------------------------- racing
+    def _score(self, job: Job, costs_of) -> tuple[Any, dict[str, float] | None, dict[str, Any] | None]:
+        """(scores, costs, the reference that beat it or None): every document, or racing's
+        stages until a bound says the candidate cannot win (``evaluator.fidelity=race``)."""
+        from ..evaluate.evaluator import combine_scores
+
+        if self.stages is None:
+            scores = self.evaluator.score()
+            return scores, costs_of(scores), None
+        parts = []
+        for k, stage in enumerate(self.stages):
+            parts.append(self.evaluator.score(stage))
+            scores = combine_scores(parts)
+            costs = costs_of(scores)
+            if k < len(self.stages) - 1 and job.references:
+                beaten_by = self._beaten_by(scores, costs, job)
+                if beaten_by is not None:
+                    return scores, costs, beaten_by
+        return scores, costs, None
+
+    def _beaten_by(self, scores, costs, job: Job) -> dict[str, Any] | None:
+        """The first reference the candidate cannot beat with confidence, or None. ``scalar``:
+        the upper bound of (candidate - incumbent)'s weighted sum is below 0; ``front``: a
+        member is better on every objective (each upper bound below 0)."""
+        from ..evaluate.outcomes import aligned, race_upper_bound
+
+        mine = {"docs": scores.docs, "values": scores.outcomes}
+        n_docs = self.evaluator.n_docs
+        for ref in job.references:
+            pairs, totals, signs, exact = {}, {}, {}, {}
+            for o in self.objectives:
+                if o.cost is not None:
+                    exact[o.name] = o.sign * (float(costs[o.cost]) - float(ref["objectives"][o.name]))
+                else:
+                    pairs[o.name] = aligned(mine, ref["outcomes"], o.task, o.metric)
+                    totals[o.name], signs[o.name] = n_docs[o.task], o.sign
+            if job.race_mode == "front":
+                uppers = [race_upper_bound({n: p}, totals, signs, self.z)[1] for n, p in pairs.items()]
+                if all(u < 0 for u in uppers + list(exact.values())):
+                    return ref
+            else:
+                weights = {o.name: o.weight * o.sign for o in self.objectives if o.cost is None}
+                _, upper = race_upper_bound(pairs, totals, weights, self.z) if pairs else (0.0, 0.0)
+                upper += sum(o.weight * exact[o.name] for o in self.objectives if o.cost is not None)
+                if upper < 0:
+                    return ref
+        return None
+
+    def _paired_estimate(self, outcomes: dict[str, Any], ref: dict[str, Any]) -> dict[str, float]:
+        """Each metric objective on the whole split, estimated from the documents scored: the
+        reference's value plus the mean paired difference (the candidate's own mean on a
+        subset would not be comparable with full-split values)."""
+        from ..evaluate.outcomes import aligned
+
+        out = {}
+        for o in self.objectives:
+            if o.cost is None:
+                a, b = aligned(outcomes, ref["outcomes"], o.task, o.metric)
+                out[o.name] = float(ref["objectives"][o.name]) + float((a - b).mean())
+        return out
