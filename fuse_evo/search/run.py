@@ -129,6 +129,7 @@ class Search:
 
         self.mirror = None
         self._outcomes: dict[int, Any] = {}  # trial number -> per-document outcomes, for racing's references
+        self._race_refs: tuple[list[dict[str, Any]], str] | None = None  # racing's references until the next record
         if cmd.run.dashboard:
             directions = [(o.name, o.direction) for o in self.objectives] if self.strategy.multi_objective else None
             with schema_lock(self.archive.engine):  # Optuna's tables: one creator at a time on a shared database
@@ -256,6 +257,7 @@ class Search:
             trial.losses = self._losses(trial.objectives)
             trial.scalar = self.objectives.scalar(trial.objectives)
         self.archive.record(trial, outcomes=result.outcomes if result is not None else None)
+        self._race_refs = None  # the incumbent or front may have changed
         self._tell(candidate, trial)
         if self.mirror is not None:
             try:
@@ -413,6 +415,8 @@ class Search:
         split (a multi-objective strategy); with their per-document outcomes, from the archive."""
         if self.cmd.evaluator.fidelity != "race":
             return [], "scalar"
+        if self._race_refs is not None:  # nothing recorded since: the same references, no archive read
+            return self._race_refs
         mode = "front" if self.strategy.multi_objective else "scalar"
         if mode == "front":
             members = [t for t in self.archive.pareto_front() if t.fidelity == 1.0]
@@ -425,7 +429,8 @@ class Search:
                 self._outcomes[t.number] = self.archive.outcomes(t.number)
             if self._outcomes[t.number] is not None:
                 refs.append({"objectives": t.objectives, "outcomes": self._outcomes[t.number]})
-        return refs, mode
+        self._race_refs = (refs, mode)
+        return self._race_refs
 
     def _result(self, done: int, already_done: bool, message: str | None = None) -> SearchResult:
         return SearchResult(self.run_dir, self.run_id, done, self.budget, self.archive.best(), self.resumed, already_done,
